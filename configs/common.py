@@ -1,0 +1,59 @@
+"""Shared config pieces. Recipes build on these and override what they need.
+
+Common knobs (every recipe has them): seed, total_steps, input.batch_size (global), log_every,
+eval_every, ckpt_every, model.size.
+"""
+import ml_collections
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config string argument 'k1=v1,k2=v2' (e.g. 'size=tiny') against typed defaults."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} is not of the form key=value")
+    if key not in parsed:
+      raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    parsed[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return parsed
+
+
+def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
+  """The retrieval model. Architecture fields left None come from ``size`` (mmret/models/sizes.py)."""
+  arch = lambda *keys: {k: None for k in keys}  # noqa: E731
+  return ml_collections.ConfigDict(dict(
+      size=size,
+      image=arch("width", "depth", "heads", "mlp_dim", "patch_size"),
+      text=arch("width", "depth", "heads", "mlp_dim"),
+      joint=arch("depth", "heads", "mlp_dim"),
+      embed_dim=None,
+      image_pool="cls",          # 'cls' | 'gap'
+      text_pool="eos",           # 'eos' | 'cls' | 'mean'
+      text_causal=False,
+      joint_kind="fusion",       # 'fusion' (normalised sum) | 'encoder' (joint transformer CLS)
+      unimodal="tower",          # 'tower' | 'joint'
+      adapter="linear",          # 'linear' | 'mlp'
+      temperature_init=0.07,
+      dropout=0.0,
+      dtype="float32",           # compute dtype; parameters stay float32
+  ))
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=50,
+      schedule="cosine",         # 'cosine' | 'constant'
+      end_lr_factor=0.0,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-6,
+      weight_decay=0.1,
+      clip_norm=1.0,
+      freeze="",                 # regex over parameter paths; matches get no updates
+      lr_mults=(),               # ((regex, multiplier), ...)
+  ))
+  cfg.update(overrides)
+  return cfg

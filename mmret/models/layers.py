@@ -1,0 +1,117 @@
+"""Transformer building blocks shared by the image, text and joint encoders."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Additive attention bias for a key that must not be attended to; finite so that a row whose keys
+# are all masked stays finite (it then attends uniformly, and callers mask its output).
+NEG_INF = -1e9
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with an additive bias (hard masks and soft per-key weights).
+
+  Parameters: query/key/value/out Dense layers of shape [width, width], the layout the
+  pretrained-checkpoint converters write into.
+  """
+  heads: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias=None, *, train: bool):
+    b, t, width = x.shape
+    if width % self.heads:
+      raise ValueError(f"width {width} is not divisible by {self.heads} heads")
+    head_dim = width // self.heads
+    split = lambda y: y.reshape(b, t, self.heads, head_dim)  # noqa: E731
+    q = split(nn.Dense(width, dtype=self.dtype, name="query")(x))
+    k = split(nn.Dense(width, dtype=self.dtype, name="key")(x))
+    v = split(nn.Dense(width, dtype=self.dtype, name="value")(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, width)
+    return nn.Dense(width, dtype=self.dtype, name="out")(y)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+  heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, attention_bias=None, *, train: bool):
+    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+    y = Attention(self.heads, self.dropout, self.dtype, name="attn")(y, attention_bias,
+                                                                     train=train)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class Encoder(nn.Module):
+  """A stack of ``depth`` pre-LN blocks followed by a final LayerNorm."""
+  depth: int
+  heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, attention_bias=None, *, train: bool):
+    for i in range(self.depth):
+      x = EncoderBlock(self.heads, self.mlp_dim, self.dropout, self.dtype,
+                       name=f"block{i}")(x, attention_bias, train=train)
+    return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+
+
+def key_bias(key_weights, dtype=jnp.float32):
+  """Attention bias [B,1,1,K] from per-key weights in [0,1] (bool masks included).
+
+  A weight w scales the key's attention probability by w before renormalisation
+  (bias = log w), so a hard mask removes a key and a soft (annealed) mask down-weights it.
+  """
+  w = jnp.asarray(key_weights, jnp.float32)
+  bias = jnp.where(w > 0, jnp.log(jnp.maximum(w, 1e-30)), NEG_INF)
+  return bias[:, None, None, :].astype(dtype)
+
+
+def causal_bias(length: int, dtype=jnp.float32):
+  """Attention bias [1,1,L,L] letting position i see positions <= i (CLIP's text tower)."""
+  allowed = jnp.tril(jnp.ones((length, length), bool))
+  return jnp.where(allowed, 0.0, NEG_INF)[None, None].astype(dtype)
+
+
+def masked_mean(x, mask):
+  """Mean of x [B,T,D] over the positions where mask [B,T] is set."""
+  m = mask.astype(x.dtype)[..., None]
+  return (x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+
+
+def l2_normalize(x, eps=1e-6):
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))

@@ -1,0 +1,132 @@
+"""The retrieval model: image and text towers, adapters into a shared width, and a joint embedding.
+
+Output contract (every method reads these keys; a key is absent when its input is):
+  z_image, z_text, z_joint   [B,d] L2-normalised embeddings for the three modalities
+  image_tokens [B,P,d], text_tokens [B,L,d]   adapted local features in the shared width
+  text_mask [B,L]            True on real text tokens
+  logit_scale                log of the contrastive inverse temperature (learnable)
+"""
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmret.models import sizes
+from mmret.models.joint import JointEncoder
+from mmret.models.layers import Dtype, l2_normalize
+from mmret.models.text import TextTransformer
+from mmret.models.vit import ViT
+
+
+class Adapter(nn.Module):
+  """Maps tower tokens into the shared width: 'linear' or a 2-layer 'mlp' (SOLAR's adapter)."""
+  width: int
+  kind: str = "linear"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == "linear":
+      return nn.Dense(self.width, dtype=self.dtype, name="proj")(x)
+    if self.kind == "mlp":
+      x = nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="fc1")(x), approximate=False)
+      return nn.Dense(self.width, dtype=self.dtype, name="fc2")(x)
+    raise ValueError(f"adapter kind must be 'linear' or 'mlp', got {self.kind!r}")
+
+
+class RetrievalModel(nn.Module):
+  image: dict
+  text: dict
+  joint: dict
+  embed_dim: int
+  vocab_size: int
+  max_text_len: int
+  joint_kind: str = "fusion"      # 'fusion': normalise(z_image + z_text); 'encoder': JointEncoder CLS
+  unimodal: str = "tower"         # 'tower': pooled tower output; 'joint': JointEncoder fed one modality
+  adapter: str = "linear"
+  temperature_init: float = 0.07
+  max_logit_scale: float = math.log(100.0)
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.joint_kind not in ("fusion", "encoder"):
+      raise ValueError(f"model.joint_kind must be 'fusion' or 'encoder', got {self.joint_kind!r}")
+    if self.unimodal not in ("tower", "joint"):
+      raise ValueError(f"model.unimodal must be 'tower' or 'joint', got {self.unimodal!r}")
+    self.image_tower = ViT(**self.image, dtype=self.dtype)
+    self.text_tower = TextTransformer(vocab_size=self.vocab_size, max_len=self.max_text_len,
+                                      **self.text, dtype=self.dtype)
+    self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
+    self.text_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
+    self.image_adapter = Adapter(self.embed_dim, self.adapter, self.dtype)
+    self.text_adapter = Adapter(self.embed_dim, self.adapter, self.dtype)
+    if self.joint_kind == "encoder" or self.unimodal == "joint":
+      self.joint_encoder = JointEncoder(**self.joint, dtype=self.dtype)
+      self.joint_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
+    self.logit_scale = self.param(
+        "logit_scale", nn.initializers.constant(math.log(1.0 / self.temperature_init)), ())
+
+  def encode_image(self, image, *, train=False):
+    """Tower pass: dict(image_global=[B,d] unnormalised, image_tokens=[B,P,d])."""
+    out = self.image_tower(image, train=train)
+    return {"image_global": self.image_proj(out["pooled"]),
+            "image_tokens": self.image_adapter(out["tokens"])}
+
+  def encode_text(self, text_ids, text_mask, *, train=False):
+    out = self.text_tower(text_ids, text_mask, train=train)
+    return {"text_global": self.text_proj(out["pooled"]),
+            "text_tokens": self.text_adapter(out["tokens"])}
+
+  def encode_joint(self, image_tokens=None, text_tokens=None, text_mask=None, *,
+                   image_weights=None, text_weights=None, train=False):
+    """Normalised joint embedding [B,d] of the given token sets under attention weights."""
+    cls = self.joint_encoder(image_tokens, text_tokens, text_mask, image_weights=image_weights,
+                             text_weights=text_weights, train=train)
+    return l2_normalize(self.joint_proj(cls))
+
+  def __call__(self, batch, *, train=False, image_weights=None, text_weights=None):
+    out = {"logit_scale": jnp.minimum(self.logit_scale, self.max_logit_scale)}
+    has_image, has_text = "image" in batch, "text_ids" in batch
+    if has_image:
+      out.update(self.encode_image(batch["image"], train=train))
+    if has_text:
+      out.update(self.encode_text(batch["text_ids"], batch["text_mask"], train=train))
+      out["text_mask"] = batch["text_mask"]
+    if self.unimodal == "joint":
+      if has_image:
+        out["z_image"] = self.encode_joint(out["image_tokens"], image_weights=image_weights,
+                                           train=train)
+      if has_text:
+        out["z_text"] = self.encode_joint(text_tokens=out["text_tokens"],
+                                          text_mask=batch["text_mask"],
+                                          text_weights=text_weights, train=train)
+    else:
+      if has_image:
+        out["z_image"] = l2_normalize(out["image_global"])
+      if has_text:
+        out["z_text"] = l2_normalize(out["text_global"])
+    if has_image and has_text:
+      if self.joint_kind == "encoder":
+        out["z_joint"] = self.encode_joint(out["image_tokens"], out["text_tokens"],
+                                           batch["text_mask"], image_weights=image_weights,
+                                           text_weights=text_weights, train=train)
+      else:
+        out["z_joint"] = l2_normalize(out["z_image"] + out["z_text"])
+    return out
+
+
+def build_model(model_cfg, *, vocab_size: int, max_text_len: int) -> RetrievalModel:
+  """RetrievalModel from ``config.model`` (size + overrides) and the tokenizer's vocabulary."""
+  arch = sizes.resolve(model_cfg)
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if model_cfg.dtype not in dtypes:
+    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_cfg.dtype!r}")
+  image = dict(arch["image"], pool=model_cfg.image_pool, dropout=model_cfg.dropout)
+  text = dict(arch["text"], pool=model_cfg.text_pool, causal=model_cfg.text_causal,
+              dropout=model_cfg.dropout)
+  joint = dict(arch["joint"], dropout=model_cfg.dropout)
+  return RetrievalModel(
+      image=image, text=text, joint=joint, embed_dim=arch["embed_dim"], vocab_size=vocab_size,
+      max_text_len=max_text_len, joint_kind=model_cfg.joint_kind, unimodal=model_cfg.unimodal,
+      adapter=model_cfg.adapter, temperature_init=model_cfg.temperature_init,
+      dtype=dtypes[model_cfg.dtype])

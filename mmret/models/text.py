@@ -1,0 +1,44 @@
+"""Transformer text tower with a padding mask and configurable pooling."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmret.models.layers import Dtype, Encoder, causal_bias, key_bias, masked_mean
+
+
+class TextTransformer(nn.Module):
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  pool: str = "eos"  # 'eos' (last real token, CLIP), 'cls' (first token, BERT) or 'mean'
+  causal: bool = False
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text_ids, text_mask, *, train: bool = False):
+    """text_ids [B,L] int, text_mask [B,L] bool -> dict(tokens=[B,L,w], pooled=[B,w])."""
+    if self.pool not in ("eos", "cls", "mean"):
+      raise ValueError(f"text pool must be 'eos', 'cls' or 'mean', got {self.pool!r}")
+    length = text_ids.shape[1]
+    if length > self.max_len:
+      raise ValueError(f"text length {length} exceeds the model's max_len {self.max_len}")
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                 name="token_embed")(text_ids).astype(self.dtype)
+    pos = self.param("pos_embed", nn.initializers.normal(0.01), (1, self.max_len, self.width))
+    x = x + pos[:, :length].astype(self.dtype)
+    bias = key_bias(text_mask, self.dtype)
+    if self.causal:
+      bias = bias + causal_bias(length, self.dtype)
+    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
+                name="encoder")(x, bias, train=train)
+    if self.pool == "cls":
+      pooled = x[:, 0]
+    elif self.pool == "mean":
+      pooled = masked_mean(x, text_mask)
+    else:
+      last = jnp.maximum(text_mask.sum(axis=1) - 1, 0)
+      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return {"tokens": x, "pooled": pooled}

@@ -1,0 +1,147 @@
+"""The contrastive train step: one per-device body, mapped over devices with pmap or shard_map.
+
+The body is written for one device's slice of the global batch. With ``axis_name`` set, losses
+gather the other devices' samples over that axis and the body averages gradients with
+``lax.pmean``; with ``axis_name=None`` it is the plain single-device step.
+"""
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmret import optim
+
+AXIS = "batch"
+MAPPINGS = ("pmap", "shard_map")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: number of updates applied
+  params: Any            # trained parameters
+  opt_state: Any
+  rng: jax.Array         # base PRNG key; each step folds in the step (and device) index
+  frozen: Any            # parameters read but never updated (e.g. a distillation teacher)
+
+
+# forward(params, frozen, batch, *, rng, step) -> model outputs dict (see mmret.models.retrieval).
+ForwardFn = Callable[..., dict]
+
+
+def make_forward(model) -> ForwardFn:
+  """The default forward pass: the model applied to the batch in training mode."""
+
+  def forward(params, frozen, batch, *, rng, step):
+    del frozen, step
+    return model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+
+  return forward
+
+
+def train_step(state: TrainState, batch, *, forward: ForwardFn, loss_fn, tx, lr_schedule,
+               axis_name=None):
+  """One optimisation step on this device's batch; returns (new state, metrics)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+  def objective(params):
+    outputs = forward(params, state.frozen, batch, rng=rng, step=state.step)
+    return loss_fn(outputs, batch, axis_name=axis_name)
+
+  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  metrics = dict(metrics, loss=loss)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics.update(grad_norm=optim.global_norm(grads), lr=lr_schedule(state.step))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+class DeviceMapping:
+  """Maps the per-device step over all devices, and moves state and batches to match.
+
+  The *canonical* state (what init makes and checkpoints hold) is replicated over a 1-D mesh of
+  all devices. ``pmap`` keeps its own layout (a leading local-device axis); ``shard_map`` runs
+  on the canonical layout directly.
+  """
+
+  def __init__(self, kind: str):
+    if kind not in MAPPINGS:
+      raise ValueError(f"mapping must be one of {MAPPINGS}, got {kind!r}")
+    self.kind = kind
+    self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
+                              axis_types=(jax.sharding.AxisType.Auto,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.sharded = NamedSharding(self.mesh, P(AXIS))
+    self.local_devices = jax.local_devices()
+
+  def compile(self, step_body) -> Callable:
+    """``step_body(state, batch, *, axis_name)`` -> jitted fn(native state, native batch)."""
+    body = functools.partial(step_body, axis_name=AXIS)
+    if self.kind == "pmap":
+      return jax.pmap(body, axis_name=AXIS, donate_argnums=(0,))
+    mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+                           out_specs=(P(), P()), check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,))
+
+  def put_state(self, state):
+    """Canonical (replicated) state -> the mapping's layout."""
+    if self.kind == "shard_map":
+      return state
+    n = len(self.local_devices)
+    # pmap moves a host array with a leading device axis onto the devices on its first call.
+    return jax.tree.map(
+        lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)), (n,) + x.shape), state)
+
+  def get_state(self, state):
+    """The mapping's layout -> canonical replicated state (for checkpoints and evaluation)."""
+    if self.kind == "shard_map":
+      return state
+
+    def canonical(x):
+      shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+      copies = [s.data.reshape(x.shape[1:]) for s in shards]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, copies)
+
+    return jax.tree.map(canonical, state)
+
+  def put_batch(self, local_batch: dict):
+    """This process's part of the global batch -> the mapping's input layout."""
+    n = len(self.local_devices)
+    for key, value in local_batch.items():
+      if value.shape[0] % n:
+        raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows per process, not divisible "
+                         f"by the {n} local devices; adjust input.batch_size")
+    if self.kind == "pmap":
+      return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local_batch.items()}
+    return {k: jax.make_array_from_process_local_data(self.sharded, v)
+            for k, v in local_batch.items()}
+
+  def get_metrics(self, metrics):
+    """Replicated device metrics -> a dict of host floats."""
+    if self.kind == "pmap":
+      metrics = jax.tree.map(lambda x: x.addressable_data(0)[0] if x.ndim else x, metrics)
+    return {k: float(np.asarray(jax.device_get(v)).reshape(-1)[0]) for k, v in metrics.items()}
+
+
+def init_state(model, example_batch, tx, *, seed: int, mapping: DeviceMapping,
+               frozen=None) -> TrainState:
+  """Initialises the canonical train state, replicated over all devices, from ``seed``."""
+
+  def init(key):
+    init_key, state_key = jax.random.split(key)
+    params = model.init({"params": init_key, "dropout": init_key}, example_batch)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_key,
+                      frozen=frozen if frozen is not None else {})
+
+  return jax.jit(init, out_shardings=mapping.replicated)(jax.random.PRNGKey(seed))
