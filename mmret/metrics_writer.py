@@ -1,0 +1,115 @@
+"""Metrics to the workdir: JSON lines (``metrics.jsonl``) and TensorBoard event files.
+
+The event files are written directly (TFRecord framing around ``Event`` protos holding scalar
+summaries), so TensorBoard reads them without TensorFlow being installed here.
+"""
+import json
+import os
+import socket
+import struct
+import time
+
+
+def _crc32c_table():
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    bits, n = n & 0x7F, n >> 7
+    out.append(bits | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_event(wall_time: float, step: int, *, scalars=None, file_version=None) -> bytes:
+  """A serialised ``tensorflow.Event`` with a scalar ``Summary`` (or a file_version header)."""
+  out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
+  if file_version is not None:
+    out += _field_bytes(3, file_version.encode())
+  if scalars:
+    values = b"".join(
+        _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
+                     + struct.pack("<f", float(value)))
+        for tag, value in scalars.items())
+    out += _field_bytes(5, values)
+  return out
+
+
+def tfrecord(data: bytes) -> bytes:
+  header = struct.pack("<Q", len(data))
+  return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def read_tfrecords(path: str):
+  """Yields the payloads of a TFRecord file, checking both CRCs (used by tests and tools)."""
+  with open(path, "rb") as f:
+    while header := f.read(8):
+      if struct.unpack("<I", f.read(4))[0] != _masked_crc(header):
+        raise ValueError(f"{path}: corrupt record header")
+      data = f.read(struct.unpack("<Q", header)[0])
+      if struct.unpack("<I", f.read(4))[0] != _masked_crc(data):
+        raise ValueError(f"{path}: corrupt record payload")
+      yield data
+
+
+class MetricWriter:
+  """Appends scalar metrics to ``workdir/metrics.jsonl`` and a TensorBoard event file.
+
+  Only the process with ``enabled=True`` (process 0) writes. Appending keeps the history of an
+  earlier, interrupted run in the same workdir.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    tb_dir = os.path.join(workdir, "tensorboard")
+    os.makedirs(tb_dir, exist_ok=True)
+    now = time.time()
+    self.events_path = os.path.join(
+        tb_dir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}")
+    self._events = open(self.events_path, "ab")
+    self._events.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
+    self._events.flush()
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in metrics.items()}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+    self._events.write(tfrecord(encode_event(time.time(), int(step), scalars=scalars)))
+    self._events.flush()
+
+  def close(self):
+    if self.enabled:
+      self._events.close()
