@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from mmret import losses, optim  # noqa: E402
+from mmret import losses, methods, optim  # noqa: E402
 from mmret import step as step_lib  # noqa: E402
 from mmret.models.retrieval import build_model  # noqa: E402
 
@@ -48,7 +48,7 @@ def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup,
   tx, lr = optim.make_optimizer(common.optim_config(), abstract, total_steps=1000)
   state = mapping.put_state(step_lib.init_state(model, {k: v[:1] for k, v in batch.items()}, tx,
                                                 seed=0, mapping=mapping))
-  fn = mapping.compile(functools.partial(step_lib.train_step, forward=step_lib.make_forward(model),
+  fn = mapping.compile(functools.partial(step_lib.train_step, forward=methods.get("contrastive").make_forward(model),
                                          loss_fn=losses.get("clip"), tx=tx, lr_schedule=lr))
   device_batch = mapping.put_batch(batch)
   # One step in flight at a time on multi-device CPU (collective rendezvous); elsewhere the

@@ -31,6 +31,7 @@ def get_config(arg=None):
 
   config.model = common.model_config(arg.size)
   config.optim = common.optim_config(lr=1e-3 if arg.size == "tiny" else 5e-4, warmup_steps=50)
+  config.method = ml_collections.ConfigDict({"name": "contrastive"})
   config.loss = ml_collections.ConfigDict({"name": "clip"})
   config.evals = ml_collections.ConfigDict()
   return config

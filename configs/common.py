@@ -36,8 +36,10 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       unimodal="tower",          # 'tower' | 'joint'
       adapter="linear",          # 'linear' | 'mlp'
       temperature_init=0.07,
+      num_prototypes=0,          # SelfAlign concept prototypes (0 = none)
       dropout=0.0,
       dtype="float32",           # compute dtype; parameters stay float32
+      init="",                   # pretrained checkpoint(s) to start from (see mmret.models.pretrained)
   ))
 
 

@@ -7,7 +7,6 @@ was, which makes a resumed run bit-identical to an uninterrupted one.
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -62,8 +61,3 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def abstract_like(state):
-  """ShapeDtypeStructs (with shardings) describing ``state``, for ``Checkpointer.restore``."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

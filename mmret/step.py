@@ -29,23 +29,13 @@ class TrainState:
   frozen: Any            # parameters read but never updated (e.g. a distillation teacher)
 
 
-# forward(params, frozen, batch, *, rng, step) -> model outputs dict (see mmret.models.retrieval).
-ForwardFn = Callable[..., dict]
-
-
-def make_forward(model) -> ForwardFn:
-  """The default forward pass: the model applied to the batch in training mode."""
-
-  def forward(params, frozen, batch, *, rng, step):
-    del frozen, step
-    return model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-
-  return forward
-
-
-def train_step(state: TrainState, batch, *, forward: ForwardFn, loss_fn, tx, lr_schedule,
+def train_step(state: TrainState, batch, *, forward, loss_fn, tx, lr_schedule,
                axis_name=None):
-  """One optimisation step on this device's batch; returns (new state, metrics)."""
+  """One optimisation step on this device's batch; returns (new state, metrics).
+
+  ``forward(params, frozen, batch, *, rng, step) -> outputs`` (see ``mmret.methods``) and
+  ``loss_fn(outputs, batch, *, axis_name) -> (loss, metrics)`` (see ``mmret.losses``).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -133,15 +123,19 @@ class DeviceMapping:
     return {k: float(np.asarray(jax.device_get(v)).reshape(-1)[0]) for k, v in metrics.items()}
 
 
-def init_state(model, example_batch, tx, *, seed: int, mapping: DeviceMapping,
+def init_state(model, example_batch, tx, *, seed: int, mapping: DeviceMapping, params=None,
                frozen=None) -> TrainState:
-  """Initialises the canonical train state, replicated over all devices, from ``seed``."""
+  """The canonical train state, replicated over all devices.
 
-  def init(key):
+  Parameters are initialised from ``seed`` unless ``params`` (e.g. pretrained or an earlier
+  stage's) are given; ``frozen`` holds parameters the method reads but never updates.
+  """
+
+  def init(key, params, frozen):
     init_key, state_key = jax.random.split(key)
-    params = model.init({"params": init_key, "dropout": init_key}, example_batch)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_key,
-                      frozen=frozen if frozen is not None else {})
+    if params is None:
+      params = model.init({"params": init_key, "dropout": init_key}, example_batch)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_key, frozen=frozen if frozen is not None else {})
 
-  return jax.jit(init, out_shardings=mapping.replicated)(jax.random.PRNGKey(seed))
+  return jax.jit(init, out_shardings=mapping.replicated)(jax.random.PRNGKey(seed), params, frozen)

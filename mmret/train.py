@@ -1,8 +1,11 @@
 """The training loop: data -> state -> step -> log / evaluate / checkpoint, read top to bottom.
 
 ``run(config, workdir)`` is everything ``mmret.main`` does after parsing flags; tests call it
-directly. Starting with a workdir that holds a checkpoint resumes from it.
+directly. Starting with a workdir that holds a checkpoint resumes from it. A recipe with
+``config.stages`` (e.g. SOLAR's two stages) runs them in order, each in ``workdir/<stage>`` and
+each starting from the previous stage's parameters; a resumed run continues in the right stage.
 """
+import copy
 import functools
 import json
 import math
@@ -15,7 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import losses, metrics_writer, optim
+from mmret import losses, methods, metrics_writer, optim
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
 from mmret.models.retrieval import build_model
@@ -34,19 +37,16 @@ def example_batch(input_cfg, batch_size: int = 1) -> dict:
 
 
 def check_batch_size(config):
-  devices, processes = jax.device_count(), jax.process_count()
-  if config.input.batch_size % devices:
-    raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
-                     f"{devices} devices")
-  if config.input.batch_size % processes:
-    raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
-                     f"{processes} processes")
+  for count, what in ((jax.device_count(), "devices"), (jax.process_count(), "processes")):
+    if config.input.batch_size % count:
+      raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
+                       f"{count} {what}")
 
 
 def prepare_data(config):
   """Prepares missing embedded datasets once (process 0) before any process reads them."""
   datasets = {src["dataset"] for src in config.input.train}
-  datasets |= {cfg.dataset for cfg in config.get("evals", {}).values() if "dataset" in cfg}
+  datasets |= {cfg.dataset for cfg in config.evals.values() if "dataset" in cfg}
   if jax.process_index() == 0:
     for dataset in sorted(datasets):
       sources.load_builder(dataset, config.input.data_dir)
@@ -54,23 +54,62 @@ def prepare_data(config):
     multihost_utils.sync_global_devices("mmret: datasets prepared")
 
 
-def build(config):
-  """Model, optimizer and forward/loss functions for ``config`` (no state, no data)."""
-  tokenizer = pipeline.tokenizer_for(config.input)
-  model = build_model(config.model, vocab_size=tokenizer.vocab_size,
-                      max_text_len=config.input.max_text_len)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), example_batch(config.input))["params"])
-  tx, lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
-  hparams = {k: v for k, v in config.loss.to_dict().items() if k != "name"}
-  loss_fn = functools.partial(losses.get(config.loss.name), **hparams)
-  return model, tx, lr, loss_fn
+def _hparams(cfg) -> dict:
+  return {k: v for k, v in cfg.to_dict().items() if k != "name"}
 
 
-def make_predict_fn(model, params):
-  """Inference-mode model outputs for a batch, with the given (canonical) parameters."""
-  apply = jax.jit(lambda p, batch: model.apply({"params": p}, batch, train=False))
-  return lambda batch: apply(params, batch)
+class Setup:
+  """Everything a config defines that is not state: model, optimizer, method, loss."""
+
+  def __init__(self, config):
+    tokenizer = pipeline.tokenizer_for(config.input)
+    self.model = build_model(config.model, vocab_size=tokenizer.vocab_size,
+                             max_text_len=config.input.max_text_len)
+    self.example = example_batch(config.input)
+    abstract_params = jax.eval_shape(
+        lambda: self.model.init(jax.random.PRNGKey(0), self.example)["params"])
+    self.tx, self.lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    self.method = methods.get(config.method.name)
+    method_hparams = _hparams(config.method)
+    self.forward = self.method.make_forward(self.model, **method_hparams)
+    self.predict = self.method.make_predict(self.model, **method_hparams)
+    self.method_hparams = method_hparams
+    self.loss_fn = functools.partial(losses.get(config.loss.name), **_hparams(config.loss))
+
+  def init_state(self, config, mapping, params=None):
+    """Fresh canonical state: initial, pretrained (``model.init``) or given ``params``."""
+    if params is None and config.model.get("init"):
+      from mmret.models import pretrained  # only runs that start from checkpoints need it
+      params = jax.jit(lambda k: self.model.init(k, self.example)["params"])(
+          jax.random.PRNGKey(config.seed))
+      params = pretrained.load_into(params, config.model.init)
+    state = step_lib.init_state(self.model, self.example, self.tx, seed=config.seed,
+                                mapping=mapping, params=params)
+    frozen = self.method.init_frozen(self.model, state.params, **self.method_hparams)
+    return state.replace(frozen=jax.device_put(frozen, mapping.replicated))
+
+  def abstract_state(self, mapping):
+    """Shapes, dtypes and (replicated) shardings of the state, for restoring checkpoints."""
+
+    def init():
+      state = step_lib.init_state(self.model, self.example, self.tx, seed=0, mapping=mapping)
+      return state.replace(
+          frozen=self.method.init_frozen(self.model, state.params, **self.method_hparams))
+
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mapping.replicated),
+        jax.eval_shape(init))
+
+
+def load_params(config, workdir: str):
+  """Parameters of the latest checkpoint in ``workdir`` (a finished run of ``config``)."""
+  setup = Setup(config)
+  abstract = setup.abstract_state(step_lib.DeviceMapping(config.mapping))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return checkpointer.restore(abstract).params
+  finally:
+    checkpointer.close()
 
 
 class _LossWatch:
@@ -98,16 +137,23 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run(config, workdir: str):
-  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint); returns final metrics."""
+def _evals_with_defaults(config):
+  """config.evals with each evaluation's ``every`` defaulting to ``config.eval_every``."""
+  evals = config.evals.to_dict()
+  for cfg in evals.values():
+    cfg.setdefault("every", config.eval_every)
+  return evals
+
+
+def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool = True):
+  """Trains one stage of ``config`` in ``workdir``; returns the final metrics."""
   check_batch_size(config)
   os.makedirs(workdir, exist_ok=True)
-  prepare_data(config)
   is_writer = jax.process_index() == 0
   if is_writer:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  model, tx, lr, loss_fn = build(config)
+  setup = Setup(config)
   mapping = step_lib.DeviceMapping(config.mapping)
   # On CPU, collectives of steps dispatched back to back can deadlock XLA's rendezvous:
   # keep at most one step in flight there.
@@ -116,24 +162,26 @@ def run(config, workdir: str):
   data_iter = pipeline.make_train_iterator(
       config.input, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  state = step_lib.init_state(model, example_batch(config.input), tx, seed=config.seed,
-                              mapping=mapping)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_ckpts)
   last_ckpt = checkpointer.latest_step()
   if last_ckpt is not None:
-    state = checkpointer.restore(ckpt_lib.abstract_like(state), data_iter, step=last_ckpt)
+    state = checkpointer.restore(setup.abstract_state(mapping), data_iter, step=last_ckpt)
     logging.info("Resumed from %s at step %d", checkpointer.directory, last_ckpt)
+  else:
+    state = setup.init_state(config, mapping, init_params)
   start = int(jax.device_get(state.step))
 
   train_fn = mapping.compile(functools.partial(
-      step_lib.train_step, forward=step_lib.make_forward(model), loss_fn=loss_fn, tx=tx,
-      lr_schedule=lr))
+      step_lib.train_step, forward=setup.forward, loss_fn=setup.loss_fn, tx=setup.tx,
+      lr_schedule=setup.lr))
   native_state = mapping.put_state(state)
+  del state
   writer = metrics_writer.MetricWriter(workdir, enabled=is_writer)
   watch = _LossWatch()
   last_good = (os.path.join(checkpointer.directory, str(last_ckpt))
                if last_ckpt is not None else None)
+  evals_cfg = _evals_with_defaults(config)
 
   def save(step, *, force=False):
     nonlocal last_good
@@ -141,16 +189,19 @@ def run(config, workdir: str):
     if checkpointer.save(step, mapping.get_state(native_state), data_iter, force=force):
       last_good = os.path.join(checkpointer.directory, str(step))
 
-  def evaluate(step, final):
+  def evaluate(step, *, final):
+    if not evals_cfg:
+      return {}
     from mmret import evals  # imported lazily: training without evals needs no search libs
-    due = {name: cfg for name, cfg in config.evals.items()
-           if final or step % (cfg.get("every") or config.eval_every or step + 1) == 0}
-    if not due:
+    if not final and not any(evals.runner.is_due(c["every"], step, final=False)
+                             for c in evals_cfg.values()):
       return {}
     params = mapping.get_state(native_state).params
-    results = evals.run_evals(make_predict_fn(model, params), due, config.input, step=step,
-                              workdir=workdir)
+    results = evals.run_evals(setup.predict, evals_cfg, config.input, step, workdir,
+                              params=params, final=final, data_dir=config.input.data_dir)
     writer.write(step, results)
+    for key, value in sorted(results.items()):
+      logging.info("step %d | %s = %.2f", step, key, value)
     return results
 
   examples_per_step = config.input.batch_size
@@ -181,14 +232,14 @@ def run(config, workdir: str):
         interval_start, interval_steps = time.time(), 0
       if config.ckpt_every and step % config.ckpt_every == 0:
         save(step)
-      if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+      if step != config.total_steps:
         evaluate(step, final=False)
     if start < config.total_steps and checkpointer.latest_step() != config.total_steps:
       save(config.total_steps, force=True)
   finally:
     # Whatever stops the loop, checkpoints already started are completed, not lost.
     checkpointer.close()
-  results = evaluate(config.total_steps, final=True) if config.evals else {}
+  results = evaluate(config.total_steps, final=True) if run_final_evals else {}
   writer.close()
   final = {"step": config.total_steps, **(mapping.get_metrics(metrics) if metrics else {}),
            **results}
@@ -196,3 +247,70 @@ def run(config, workdir: str):
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
   return final
+
+
+# Config groups a stage may extend with new fields (hyper-parameters and evaluations).
+_OPEN_GROUPS = ("loss", "method", "evals")
+
+
+def _merge(base, overrides, path=""):
+  """Recursively applies ``overrides`` to ConfigDict ``base``; unknown keys are errors."""
+  for key, value in overrides.items():
+    where = f"{path}{key}"
+    if key not in base:
+      if not any(where.startswith(g + ".") for g in _OPEN_GROUPS):
+        raise KeyError(f"stage override {where!r} is not a config field")
+      base[key] = value
+    elif hasattr(value, "items") and hasattr(base[key], "items"):
+      _merge(base[key], value, where + ".")
+    else:
+      base[key] = value
+
+
+def stage_configs(config):
+  """[(stage name, full config of that stage)] from ``config.stages``, or [(None, config)]."""
+  if not config.get("stages"):
+    return [(None, config)]
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    del base["stages"]
+  stages = []
+  for name, overrides in config.stages.items():
+    stage = copy.deepcopy(base)
+    with stage.unlocked():
+      _merge(stage, overrides)
+    stages.append((name, stage))
+  return stages
+
+
+def run(config, workdir: str):
+  """Trains ``config`` (all its stages) in ``workdir``; returns the last stage's final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  prepare_data(config)
+  stages = stage_configs(config)
+  if stages[0][0] is None:
+    return train_stage(config, workdir)
+  previous, final = None, {}
+  for i, (name, stage) in enumerate(stages):
+    stage_dir = os.path.join(workdir, name)
+    last = i == len(stages) - 1
+    if not last and _finished(stage, stage_dir):
+      logging.info("Stage %s already finished in %s", name, stage_dir)
+      previous = (stage, stage_dir)
+      continue
+    init_params = load_params(*previous) if previous else None
+    logging.info("Stage %s (%d steps) in %s", name, stage.total_steps, stage_dir)
+    final = train_stage(stage, stage_dir, init_params=init_params)
+    previous = (stage, stage_dir)
+  return final
+
+
+def _finished(config, workdir: str) -> bool:
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return False
+  checkpointer = ckpt_lib.Checkpointer(path)
+  try:
+    return checkpointer.latest_step() == config.total_steps
+  finally:
+    checkpointer.close()

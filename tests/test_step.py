@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mmret import losses, optim
+from mmret import losses, methods, optim
 from mmret import step as step_lib
 from mmret.models.retrieval import build_model
 
@@ -35,7 +35,7 @@ def _setup(joint_kind="fusion"):
   batch = _batch(16)
   params = model.init(jax.random.PRNGKey(0), batch)["params"]
   tx, lr = optim.make_optimizer(optim_cfg, params, total_steps=10)
-  body = functools.partial(step_lib.train_step, forward=step_lib.make_forward(model),
+  body = functools.partial(step_lib.train_step, forward=methods.get("contrastive").make_forward(model),
                            loss_fn=losses.get("clip"), tx=tx, lr_schedule=lr)
   return model, tx, body, batch
 

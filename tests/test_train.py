@@ -31,13 +31,10 @@ def _config(data_dir, **overrides):
 
 
 def _params(workdir, config):
-  """Parameters of the workdir's latest checkpoint, as host arrays."""
-  model, tx, _, _ = train.build(config)
-  mapping = step_lib.DeviceMapping(config.mapping)
-  template = step_lib.init_state(model, train.example_batch(config.input), tx, seed=0,
-                                 mapping=mapping)
+  """Step and parameters of the workdir's latest checkpoint, as host arrays."""
+  setup = train.Setup(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state = checkpointer.restore(ckpt_lib.abstract_like(template))
+  state = checkpointer.restore(setup.abstract_state(step_lib.DeviceMapping(config.mapping)))
   checkpointer.close()
   return int(state.step), jax.device_get(state.params)
 

@@ -36,7 +36,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.train = [{'dataset': 'mmret_world/tiny', 'split': 'train', 'weight': 1.0}]
   cfg.batch_size = 64  # global; each process gets batch_size // process_count
   cfg.image_size = 32
-  cfg.max_text_len = 16  # including the start and end tokens
+  cfg.max_text_len = 64  # including the start and end tokens; world captions have <= ~51 words
   cfg.tokenizer = 'world'  # world | word:PATH | bpe:PATH | wordpiece:PATH
   # CLIP's per-channel statistics (match CLIP-pretrained towers; harmless from scratch).
   cfg.mean = (0.48145466, 0.4578275, 0.40821073)

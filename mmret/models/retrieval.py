@@ -5,6 +5,7 @@ Output contract (every method reads these keys; a key is absent when its input i
   image_tokens [B,P,d], text_tokens [B,L,d]   adapted local features in the shared width
   text_mask [B,L]            True on real text tokens
   logit_scale                log of the contrastive inverse temperature (learnable)
+  prototypes [K,d]           L2-normalised learnable prototypes (when num_prototypes > 0)
 """
 import math
 
@@ -44,6 +45,7 @@ class RetrievalModel(nn.Module):
   joint_kind: str = "fusion"      # 'fusion': normalise(z_image + z_text); 'encoder': JointEncoder CLS
   unimodal: str = "tower"         # 'tower': pooled tower output; 'joint': JointEncoder fed one modality
   adapter: str = "linear"
+  num_prototypes: int = 0         # SelfAlign's concept prototypes (0 = none)
   temperature_init: float = 0.07
   max_logit_scale: float = math.log(100.0)
   dtype: Dtype = jnp.float32
@@ -65,6 +67,9 @@ class RetrievalModel(nn.Module):
       self.joint_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(math.log(1.0 / self.temperature_init)), ())
+    if self.num_prototypes:
+      self.prototypes = self.param("prototypes", nn.initializers.normal(1.0),
+                                   (self.num_prototypes, self.embed_dim))
 
   def encode_image(self, image, *, train=False):
     """Tower pass: dict(image_global=[B,d] unnormalised, image_tokens=[B,P,d])."""
@@ -86,6 +91,8 @@ class RetrievalModel(nn.Module):
 
   def __call__(self, batch, *, train=False, image_weights=None, text_weights=None):
     out = {"logit_scale": jnp.minimum(self.logit_scale, self.max_logit_scale)}
+    if self.num_prototypes:
+      out["prototypes"] = l2_normalize(self.prototypes)  # re-normalised at every step
     has_image, has_text = "image" in batch, "text_ids" in batch
     if has_image:
       out.update(self.encode_image(batch["image"], train=train))
@@ -128,5 +135,6 @@ def build_model(model_cfg, *, vocab_size: int, max_text_len: int) -> RetrievalMo
   return RetrievalModel(
       image=image, text=text, joint=joint, embed_dim=arch["embed_dim"], vocab_size=vocab_size,
       max_text_len=max_text_len, joint_kind=model_cfg.joint_kind, unimodal=model_cfg.unimodal,
-      adapter=model_cfg.adapter, temperature_init=model_cfg.temperature_init,
+      adapter=model_cfg.adapter, num_prototypes=model_cfg.num_prototypes,
+      temperature_init=model_cfg.temperature_init,
       dtype=dtypes[model_cfg.dtype])
