@@ -4,7 +4,7 @@
   python -m mmret.main --config=configs/clip.py:size=small,world=small --workdir=/tmp/run_small
 
 Arguments: size (tiny | small | base), world (embedded world size: tiny | small | base),
-steps (total training steps).
+steps (total training steps), evals (false: train only).
 """
 import ml_collections
 
@@ -13,7 +13,7 @@ from mmret.data import pipeline
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", world="tiny", steps=600)
+  arg = common.parse_arg(arg, size="tiny", world="tiny", steps=600, evals=True)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = arg.steps
@@ -34,4 +34,10 @@ def get_config(arg=None):
   config.method = ml_collections.ConfigDict({"name": "contrastive"})
   config.loss = ml_collections.ConfigDict({"name": "clip"})
   config.evals = ml_collections.ConfigDict()
+  if arg.evals:
+    world = f"mmret_world/{arg.world}"
+    # Image <-> text with 5 captions per image, and the mixed-modality (M-BEIR-style) tasks.
+    config.evals.caption5 = dict(type="caption5", dataset=world, split="caption5", batch_size=64)
+    config.evals.universal = dict(type="retrieval", dataset=world, split="universal",
+                                  batch_size=64)
   return config

@@ -1,64 +1,18 @@
 """Entry point: ``python -m mmret.main --config=configs/clip.py --workdir=DIR``.
 
-Parses flags, initialises multi-host JAX when asked, and hands off to ``mmret.train.run``.
-Multi-host: pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or ``--distributed=auto`` to let JAX
-detect the cluster (TPU pods, SLURM). Each process then feeds its own part of the global batch.
+Parses flags, initialises multi-host JAX when asked (see ``mmret.runtime``), and hands off to
+``mmret.train.run``. Each process feeds its own part of the global batch.
 """
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from mmret import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<recipe name>).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "off", ["off", "auto"],
-                                 "'auto': jax.distributed.initialize() detects the cluster.")
-_PLATFORM = flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
-
-
-def _distributed_args():
-  """Coordinator settings from flags, else from the JAX_* environment; None when single-process."""
-  address = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  count = _NUM_PROCESSES.value or os.environ.get("JAX_NUM_PROCESSES")
-  index = _PROCESS_ID.value if _PROCESS_ID.value is not None else os.environ.get("JAX_PROCESS_ID")
-  given = [v is not None for v in (address, count, index)]
-  if any(given) and not all(given):
-    raise app.UsageError("multi-host needs all of --coordinator_address, --num_processes and "
-                         "--process_id (or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
-                         "JAX_PROCESS_ID)")
-  return (address, int(count), int(index)) if all(given) else None
-
-
-class _QuietLibraries:
-  """Drops INFO chatter of Orbax, Grain and tfds (they log every checkpoint file operation)."""
-  NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/")
-
-  def filter(self, record):
-    return record.levelno > 20 or not any(part in record.pathname for part in self.NOISY)
-
-
-def initialize_jax():
-  import jax  # imported after flags so that --platform can take effect
-  if _PLATFORM.value:
-    jax.config.update("jax_platforms", _PLATFORM.value)
-  args = _distributed_args()
-  if args is not None or _DISTRIBUTED.value == "auto":
-    if (_PLATFORM.value or os.environ.get("JAX_PLATFORMS", "")).startswith("cpu"):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args is not None:
-      address, count, index = args
-      jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                                 process_id=index)
-    else:
-      jax.distributed.initialize()
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
 
 
 def default_workdir(config_path: str) -> str:
@@ -69,8 +23,8 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  initialize_jax()
+  runtime.setup_logging()
+  runtime.initialize_jax()
   from mmret import train  # after JAX initialisation
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(config_path)

@@ -24,6 +24,10 @@ from mmret.data import pipeline, sources
 from mmret.models.retrieval import build_model
 
 
+# Evaluation metrics worth a log line (the last component of their key).
+HEADLINE_METRICS = ("rsum", "average", "mR", "precision", "avg", "hit@1")
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -200,8 +204,13 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
     results = evals.run_evals(setup.predict, evals_cfg, config.input, step, workdir,
                               params=params, final=final, data_dir=config.input.data_dir)
     writer.write(step, results)
-    for key, value in sorted(results.items()):
-      logging.info("step %d | %s = %.2f", step, key, value)
+    for name in evals_cfg:
+      # Headline figures only; every metric is in metrics.jsonl and eval/<name>.md.
+      headline = {k.split("/", 2)[2]: v for k, v in results.items()
+                  if k.startswith(f"eval/{name}/") and k.rsplit("/", 1)[1] in HEADLINE_METRICS}
+      if headline:
+        logging.info("step %d | eval %s | %s", step, name,
+                     " | ".join(f"{k} {v:.2f}" for k, v in sorted(headline.items())))
     return results
 
   examples_per_step = config.input.batch_size

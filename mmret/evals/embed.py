@@ -1,0 +1,166 @@
+"""The embedding pass: items -> batches -> a jitted model over all local devices -> [N, d].
+
+Batches come from ``mmret.data.pipeline.eval_batches`` (or any function with its signature):
+numpy dicts with the model inputs, ``valid`` bool [B] (False on padding rows) and ``index``
+int32 [B] (position of the row's item in ``items``, -1 on padding). Each batch is split over a 1-D
+mesh of this process's devices; processes embed their own shards and the results are gathered
+with ``process_allgather`` and put back in item order.
+"""
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+# The output key holding the embedding of each record modality.
+EMBEDDING_KEYS = {"image": "z_image", "text": "z_text", "image,text": "z_joint"}
+MESH_AXIS = "data"
+
+# predict_fn(params, batch) -> model outputs dict (see mmret.models.retrieval).
+PredictFn = Callable[[Any, dict], dict]
+
+
+def embedding_key(modality: str) -> str:
+  if modality not in EMBEDDING_KEYS:
+    raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(EMBEDDING_KEYS)}")
+  return EMBEDDING_KEYS[modality]
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over this process's devices (embedding needs no cross-process collectives)."""
+  return jax.make_mesh((jax.local_device_count(),), (MESH_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_embedding(predict_fn: PredictFn, key: str):
+  """predict_fn reduced to one output key, jitted once per (function, key)."""
+
+  def embed(params, batch):
+    outputs = predict_fn(params, batch)
+    if key not in outputs:
+      raise KeyError(f"the model returned no {key!r} (outputs: {sorted(outputs)}); "
+                     f"check that the batch carries the inputs of this modality")
+    return outputs[key]
+
+  return jax.jit(embed)
+
+
+def _replicate(params, mesh):
+  """Places params on every device of ``mesh``, taking the local copy of replicated globals."""
+
+  def local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return x
+
+  return jax.device_put(jax.tree.map(local, params), NamedSharding(mesh, P()))
+
+
+def _pad_rows(batch: dict, multiple: int) -> dict:
+  """Pads every array of the batch to a row count divisible by ``multiple`` (padding invalid)."""
+  size = len(batch["valid"])
+  extra = -size % multiple
+  if extra == 0:
+    return batch
+  padded = {}
+  for name, value in batch.items():
+    value = np.asarray(value)
+    fill = -1 if name == "index" else 0
+    pad = np.full((extra,) + value.shape[1:], fill, value.dtype)
+    padded[name] = np.concatenate([value, pad])
+  return padded
+
+
+def _default_batches_fn():
+  from mmret.data import pipeline  # The data package owns decoding and tokenisation.
+  return pipeline.eval_batches
+
+
+def embed_items(predict_fn: PredictFn, items: Sequence[dict], modality: str, *,
+                input_cfg: Any, batch_size: int, params: Any = None,
+                mesh: Optional[jax.sharding.Mesh] = None,
+                batches_fn: Optional[Callable] = None,
+                process_index: Optional[int] = None,
+                process_count: Optional[int] = None) -> np.ndarray:
+  """Embeds ``items`` with the output of ``modality`` and returns [len(items), d] in item order.
+
+  Args:
+    predict_fn: ``predict_fn(params, batch) -> outputs`` (pure; jitted here, so create it once and
+      reuse it: a new function object compiles anew).
+    items: records for ``eval_batches`` (e.g. ``{'image': bytes}``, ``{'text': str}`` or both).
+    modality: 'image', 'text' or 'image,text'; picks ``z_image``, ``z_text`` or ``z_joint``.
+    input_cfg, batch_size: passed to ``batches_fn``; batch_size is per process.
+    params: model parameters passed to predict_fn (replicated over the mesh).
+    mesh: 1-D device mesh splitting each batch; defaults to all local devices.
+    batches_fn: ``eval_batches``-compatible batch source; defaults to mmret.data.pipeline's.
+  """
+  key = embedding_key(modality)
+  mesh = mesh or local_mesh()
+  batches_fn = batches_fn or _default_batches_fn()
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  embed = _jitted_embedding(predict_fn, key)
+  params = _replicate(params, mesh)
+  row_sharding = NamedSharding(mesh, P(MESH_AXIS))
+  chunks, chunk_indices = [], []
+  for batch in batches_fn(items, input_cfg=input_cfg, batch_size=batch_size,
+                          process_index=process_index, process_count=process_count):
+    for required in ("valid", "index"):
+      if required not in batch:
+        raise KeyError(f"eval batch lacks {required!r} (keys: {sorted(batch)})")
+    batch = _pad_rows(dict(batch), mesh.size)
+    valid = np.asarray(batch.pop("valid"), bool)
+    index = np.asarray(batch.pop("index"), np.int64)
+    # Only numeric arrays go to the devices (a batch may also carry ids or raw strings).
+    inputs = {name: value for name, value in batch.items()
+              if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"}
+    inputs = jax.device_put(inputs, row_sharding)
+    inputs["valid"] = jax.device_put(valid, row_sharding)
+    # Blocking here (np.asarray) keeps one program in flight, which also avoids the CPU
+    # rendezvous stalls of back-to-back sharded programs.
+    z = np.asarray(embed(params, inputs), np.float32)
+    chunks.append(z[valid])
+    chunk_indices.append(index[valid])
+  width = chunks[0].shape[1] if chunks else 0
+  local_z = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+  local_index = np.concatenate(chunk_indices) if chunk_indices else np.zeros((0,), np.int64)
+  all_z, all_index = _gather_processes(local_z, local_index, process_count)
+  return _restore_order(all_z, all_index, len(items))
+
+
+def _gather_processes(z: np.ndarray, index: np.ndarray, process_count: int):
+  """Concatenates every process's (embeddings, indices); shards may differ in length."""
+  if process_count == 1:
+    return z, index
+  counts = np.asarray(multihost_utils.process_allgather(np.int64(len(index)))).reshape(-1)
+  widths = np.asarray(multihost_utils.process_allgather(np.int64(z.shape[1]))).reshape(-1)
+  longest, width = int(counts.max()), int(widths.max())
+  padded_z = np.zeros((longest, width), np.float32)
+  padded_z[:len(z), :z.shape[1]] = z
+  padded_index = np.full((longest,), -1, np.int64)
+  padded_index[:len(index)] = index
+  gathered_z = np.asarray(multihost_utils.process_allgather(padded_z))
+  gathered_index = np.asarray(multihost_utils.process_allgather(padded_index))
+  keep = [slice(0, int(c)) for c in counts]
+  return (np.concatenate([g[s] for g, s in zip(gathered_z, keep)]),
+          np.concatenate([g[s] for g, s in zip(gathered_index, keep)]))
+
+
+def _restore_order(z: np.ndarray, index: np.ndarray, num_items: int) -> np.ndarray:
+  """Scatters rows to their item positions, checking each item came back exactly once."""
+  if num_items == 0:
+    return np.zeros((0, z.shape[1] if z.ndim == 2 else 0), np.float32)
+  if len(index) and (index.min() < 0 or index.max() >= num_items):
+    raise ValueError(f"eval batches returned item indices outside 0..{num_items - 1}")
+  counts = np.bincount(index, minlength=num_items)
+  if (counts != 1).any():
+    missing = np.flatnonzero(counts == 0)[:5].tolist()
+    repeated = np.flatnonzero(counts > 1)[:5].tolist()
+    raise ValueError(f"eval batches must return every item once; missing items {missing}, "
+                     f"repeated items {repeated} (first five of each)")
+  ordered = np.empty((num_items, z.shape[1]), np.float32)
+  ordered[index] = z
+  return ordered
