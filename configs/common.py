@@ -5,6 +5,8 @@ eval_every, ckpt_every, model.size.
 """
 import ml_collections
 
+from mmret.models import sizes
+
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   """Parses a config string argument 'k1=v1,k2=v2' (e.g. 'size=tiny') against typed defaults."""
@@ -21,12 +23,23 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
-  """The retrieval model. Architecture fields left None come from ``size`` (mmret/models/sizes.py)."""
+  """The retrieval model. Architecture fields left None come from ``size`` (mmret/models/sizes.py).
+
+  Tower fields beyond the transformer shape (None = the size's value, else the tower default):
+    image.kind      'vit' (default) | 'efficientnet_lite0'
+    image.ln_pre    LayerNorm before the blocks (CLIP); image.layer_scale: DINOv2's residual scales
+    text.kind       'transformer' (pre-LN, default) | 'bert' (post-LN)
+    {image,text}.activation  'gelu' (default) | 'quick_gelu' (OpenAI CLIP) | 'gelu_tanh'
+    {image,text}.ln_eps      LayerNorm epsilon (default 1e-6 for 'vit'/'transformer', 1e-12 'bert')
+  Sizes named after a checkpoint (e.g. 'clip_vit_b16', 'minilm_l6_efficientnet_lite0') also set
+  the pooling/causal fields below to what the checkpoint needs.
+  """
   arch = lambda *keys: {k: None for k in keys}  # noqa: E731
-  return ml_collections.ConfigDict(dict(
+  cfg = ml_collections.ConfigDict(dict(
       size=size,
-      image=arch("width", "depth", "heads", "mlp_dim", "patch_size"),
-      text=arch("width", "depth", "heads", "mlp_dim"),
+      image=arch("width", "depth", "heads", "mlp_dim", "patch_size", "kind", "activation",
+                 "ln_eps", "ln_pre", "layer_scale"),
+      text=arch("width", "depth", "heads", "mlp_dim", "kind", "activation", "ln_eps"),
       joint=arch("depth", "heads", "mlp_dim"),
       embed_dim=None,
       image_pool="cls",          # 'cls' | 'gap'
@@ -41,6 +54,8 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       dtype="float32",           # compute dtype; parameters stay float32
       init="",                   # pretrained checkpoint(s) to start from (see mmret.models.pretrained)
   ))
+  cfg.update(sizes.model_defaults(size))
+  return cfg
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:

@@ -12,16 +12,37 @@ Dtype = Any
 NEG_INF = -1e9
 
 
+def quick_gelu(x):
+  """OpenAI CLIP's sigmoid approximation of GELU."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # exact (erf) GELU: BERT, ViT, DINOv2
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+    "relu6": jax.nn.relu6,
+}
+
+
+def activation_fn(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = activation_fn(self.activation)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
@@ -56,21 +77,34 @@ class Attention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+  """Pre-LayerNorm transformer block: x + attn(ln(x)); x + mlp(ln(x)).
+
+  ``layer_scale`` (DINOv2) multiplies each branch by a learned per-channel vector (``ls1``,
+  ``ls2``) before the residual sum.
+  """
   heads: int
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
+  ln_eps: float = 1e-6
+  layer_scale: bool = False
 
   @nn.compact
   def __call__(self, x, attention_bias=None, *, train: bool):
-    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+    def residual(branch, name):
+      if self.layer_scale:
+        branch = branch * self.param(name, nn.initializers.constant(1e-5), (x.shape[-1],))
+      return x + nn.Dropout(self.dropout, deterministic=not train)(branch)
+
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln1")(x)
     y = Attention(self.heads, self.dropout, self.dtype, name="attn")(y, attention_bias,
                                                                      train=train)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = residual(y, "ls1")
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(
+        y, train=train)
+    return residual(y, "ls2")
 
 
 class Encoder(nn.Module):
@@ -80,13 +114,17 @@ class Encoder(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
+  ln_eps: float = 1e-6
+  layer_scale: bool = False
 
   @nn.compact
   def __call__(self, x, attention_bias=None, *, train: bool):
     for i in range(self.depth):
-      x = EncoderBlock(self.heads, self.mlp_dim, self.dropout, self.dtype,
-                       name=f"block{i}")(x, attention_bias, train=train)
-    return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+      x = EncoderBlock(self.heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
+                       self.ln_eps, self.layer_scale, name=f"block{i}")(
+                           x, attention_bias, train=train)
+    return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
 
 
 def key_bias(key_weights, dtype=jnp.float32):

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmret.models import sizes
+from mmret.models.bert import BertEncoder
+from mmret.models.efficientnet import EfficientNetLite0
 from mmret.models.joint import JointEncoder
 from mmret.models.layers import Dtype, l2_normalize
 from mmret.models.text import TextTransformer
@@ -35,6 +37,31 @@ class Adapter(nn.Module):
     raise ValueError(f"adapter kind must be 'linear' or 'mlp', got {self.kind!r}")
 
 
+def image_tower(cfg: dict, dtype) -> nn.Module:
+  """The image tower named by ``cfg['kind']``: 'vit' (default) or 'efficientnet_lite0'.
+
+  The convolutional tower has a fixed architecture: it reads only ``pool`` and ``dropout``.
+  """
+  cfg = dict(cfg)
+  kind = cfg.pop("kind", None) or "vit"
+  if kind == "vit":
+    return ViT(**cfg, dtype=dtype)
+  if kind == "efficientnet_lite0":
+    return EfficientNetLite0(pool=cfg.get("pool", "gap"), dropout=cfg.get("dropout", 0.0),
+                             dtype=dtype)
+  raise ValueError(f"model.image.kind must be 'vit' or 'efficientnet_lite0', got {kind!r}")
+
+
+def text_tower(cfg: dict, vocab_size: int, max_len: int, dtype) -> nn.Module:
+  """The text tower named by ``cfg['kind']``: 'transformer' (pre-LN, default) or 'bert'."""
+  cfg = dict(cfg)
+  kind = cfg.pop("kind", None) or "transformer"
+  towers = {"transformer": TextTransformer, "bert": BertEncoder}
+  if kind not in towers:
+    raise ValueError(f"model.text.kind must be 'transformer' or 'bert', got {kind!r}")
+  return towers[kind](vocab_size=vocab_size, max_len=max_len, **cfg, dtype=dtype)
+
+
 class RetrievalModel(nn.Module):
   image: dict
   text: dict
@@ -55,9 +82,8 @@ class RetrievalModel(nn.Module):
       raise ValueError(f"model.joint_kind must be 'fusion' or 'encoder', got {self.joint_kind!r}")
     if self.unimodal not in ("tower", "joint"):
       raise ValueError(f"model.unimodal must be 'tower' or 'joint', got {self.unimodal!r}")
-    self.image_tower = ViT(**self.image, dtype=self.dtype)
-    self.text_tower = TextTransformer(vocab_size=self.vocab_size, max_len=self.max_text_len,
-                                      **self.text, dtype=self.dtype)
+    self.image_tower = image_tower(self.image, self.dtype)
+    self.text_tower = text_tower(self.text, self.vocab_size, self.max_text_len, self.dtype)
     self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
     self.text_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
     self.image_adapter = Adapter(self.embed_dim, self.adapter, self.dtype)

@@ -1,4 +1,9 @@
-"""Transformer text tower with a padding mask and configurable pooling."""
+"""Transformer text tower (pre-LayerNorm, as CLIP's) with a padding mask and configurable pooling.
+
+``activation`` ('gelu' | 'quick_gelu' for OpenAI CLIP) and ``ln_eps`` (1e-5 for CLIP) match
+pretrained checkpoints; with ``causal=True`` and ``pool='eos'`` this is CLIP's text encoder (the
+end token is the last real token of mmret's tokenizers, where CLIP pools).
+"""
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -16,6 +21,8 @@ class TextTransformer(nn.Module):
   causal: bool = False
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, text_ids, text_mask, *, train: bool = False):
@@ -32,8 +39,8 @@ class TextTransformer(nn.Module):
     bias = key_bias(text_mask, self.dtype)
     if self.causal:
       bias = bias + causal_bias(length, self.dtype)
-    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
-                name="encoder")(x, bias, train=train)
+    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
+                self.ln_eps, name="encoder")(x, bias, train=train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "mean":
