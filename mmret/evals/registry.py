@@ -10,7 +10,7 @@ from typing import Callable
 
 DATA_KINDS = ("records", "queries_candidates")
 # Modules whose import registers evaluators; imported lazily so that `get` sees them all.
-_EVALUATOR_MODULES = ("mmret.evals.protocols",)
+_EVALUATOR_MODULES = ("mmret.evals.protocols", "mmret.evals.modality_gap", "mmret.evals.solar_masks")
 
 
 @dataclasses.dataclass(frozen=True)
