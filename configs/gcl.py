@@ -45,6 +45,9 @@ Arguments (defaults in brackets):
   drop_other_positive [false]  gcl only: also drop the anchor's third same-sample modality from
                          each denominator (false = the paper's literal loss)
   evals [true]           false: no evaluations (training only)
+  towers [scratch]       'shipped': start both stages' towers from the real EfficientNet-Lite0
+                         and all-MiniLM-L6-v2 weights pip packages ship (128 px, MiniLM's
+                         vocabulary; pair it with a real-image world, e.g. world=fashion_tiny)
 """
 import ml_collections
 
@@ -59,7 +62,11 @@ PRETRAIN, FINETUNE = "1_pretrain", "2_finetune"  # stage names (and directories)
 def get_config(arg=None):
   arg = common.parse_arg(arg, size="tiny", world="tiny", loss="gcl", fusion="fusion", steps=300,
                          pretrain_steps=600, lr=3e-4, temperature=0.0, drop_other_positive=False,
-                         evals=True)
+                         evals=True, towers="scratch")
+  if arg.towers not in ("scratch", "shipped"):
+    raise ValueError(f"gcl config: towers must be 'scratch' or 'shipped', got {arg.towers!r}")
+  if arg.towers == "shipped":
+    arg.size = common.SHIPPED_SIZE
   if arg.loss not in LOSSES:
     raise ValueError(f"gcl config: loss must be one of {LOSSES}, got {arg.loss!r}")
   if arg.fusion not in FUSIONS:
@@ -73,6 +80,8 @@ def get_config(arg=None):
   # The dual-encoder recipe; its numbers are the pretraining stage's.
   config = clip.get_config(f"size={arg.size},world={arg.world},steps={arg.pretrain_steps}")
   config.model.joint_kind = arg.fusion
+  if arg.towers == "shipped":
+    common.use_shipped_towers(config)
   config.eval_every = 0       # evaluate at the end of each stage (its final state)
 
   finetune_loss = {"name": arg.loss}

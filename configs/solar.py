@@ -8,7 +8,10 @@ One launch runs ``stage1`` in ``workdir/stage1``, then ``stage2`` in ``workdir/s
 1's parameters; a relaunch resumes inside the unfinished stage. Arguments: size (tiny | small |
 base), world (embedded world size), stage1_steps, stage2_steps, batch_size, random_masks (the
 ablation: random masks of the learned masks' density in both stages), evals (false: train only),
-stage1_mm2mm (also evaluate MM2MM at the end of stage 1).
+stage1_mm2mm (also evaluate MM2MM at the end of stage 1), towers ('scratch', or 'shipped': start
+from the real EfficientNet-Lite0 and all-MiniLM-L6-v2 weights pip packages ship, at 128 px, with
+MiniLM's vocabulary; use it with a real-image world, e.g.
+``configs/solar.py:towers=shipped,world=fashion_tiny``; see ``common.use_shipped_towers``).
 
 Model: the towers -> 2-layer MLP adapters into the shared width -> a 3-layer joint encoder over
 [CLS; image tokens; text tokens] with per-token attention weights; z_image / z_text come from the
@@ -45,7 +48,12 @@ import mmret.evals.solar_masks  # noqa: F401  (registers the 'solar_masks' evalu
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, size="tiny", world="tiny", stage1_steps=150, stage2_steps=50,
-                         batch_size=32, random_masks=False, evals=True, stage1_mm2mm=False)
+                         batch_size=32, random_masks=False, evals=True, stage1_mm2mm=False,
+                         towers="scratch")
+  if arg.towers not in ("scratch", "shipped"):
+    raise ValueError(f"solar config: towers must be 'scratch' or 'shipped', got {arg.towers!r}")
+  if arg.towers == "shipped":
+    arg.size = common.SHIPPED_SIZE
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = arg.stage1_steps  # each stage sets its own
@@ -69,6 +77,8 @@ def get_config(arg=None):
   config.model.joint.depth = 3
   config.optim = common.optim_config(lr=1e-3 if arg.size == "tiny" else 5e-4, warmup_steps=50)
   # Each stage names its method and loss and adds their hyper-parameters.
+  if arg.towers == "shipped":
+    common.use_shipped_towers(config)
   config.method = ml_collections.ConfigDict({"name": "solar_stage1"})
   config.loss = ml_collections.ConfigDict({"name": "solar_stage1"})
   config.evals = ml_collections.ConfigDict()

@@ -43,10 +43,15 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_dir):
   config = _config(data_dir)
   final = train.run(config, str(tmp_path))
   lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-  assert [x["step"] for x in lines] == list(range(1, 7))
-  assert all(np.isfinite(x["loss"]) for x in lines)
+  # One line per training step, then the final evaluations' line at the last step.
+  train_lines = [x for x in lines if "loss" in x]
+  eval_lines = [x for x in lines if "loss" not in x]
+  assert [x["step"] for x in train_lines] == list(range(1, 7))
+  assert all(np.isfinite(x["loss"]) for x in train_lines)
+  assert [x["step"] for x in eval_lines] == [6]
+  assert {"eval/caption5/rsum", "eval/universal/local/average"} <= set(eval_lines[0])
   # Throughput is measured from the second step on (the first one compiles).
-  assert all(x["examples_per_sec_per_device"] > 0 for x in lines[1:])
+  assert all(x["examples_per_sec_per_device"] > 0 for x in train_lines[1:])
   assert os.listdir(tmp_path / "tensorboard")
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3, 6]
   assert final["step"] == 6 and json.load(open(tmp_path / "final_metrics.json"))["step"] == 6
@@ -78,7 +83,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, monkey
   step_b, params_b = _params(str(tmp_path / "resumed"), config)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  resumed_steps = [json.loads(x)["step"] for x in open(tmp_path / "resumed" / "metrics.jsonl")]
+  resumed_steps = [line["step"] for line in map(json.loads, open(tmp_path / "resumed" / "metrics.jsonl"))
+                   if "loss" in line]
   # Step 4 ran before the crash and again after resuming from checkpoint 3; history is kept.
   assert resumed_steps == [1, 2, 3, 4, 4, 5, 6]
 

