@@ -11,7 +11,9 @@ ablation: random masks of the learned masks' density in both stages), evals (fal
 stage1_mm2mm (also evaluate MM2MM at the end of stage 1), towers ('scratch', or 'shipped': start
 from the real EfficientNet-Lite0 and all-MiniLM-L6-v2 weights pip packages ship, at 128 px, with
 MiniLM's vocabulary; use it with a real-image world, e.g.
-``configs/solar.py:towers=shipped,world=fashion_tiny``; see ``common.use_shipped_towers``).
+``configs/solar.py:towers=shipped,world=fashion_tiny``; see ``common.use_shipped_towers``),
+oracle_masks (a diagnostic: stage 2 builds its views from the embedded world's ground-truth
+intersection labels instead of stage 1's masks).
 
 Model: the towers -> 2-layer MLP adapters into the shared width -> a 3-layer joint encoder over
 [CLS; image tokens; text tokens] with per-token attention weights; z_image / z_text come from the
@@ -49,7 +51,9 @@ import mmret.evals.solar_masks  # noqa: F401  (registers the 'solar_masks' evalu
 def get_config(arg=None):
   arg = common.parse_arg(arg, size="tiny", world="tiny", stage1_steps=150, stage2_steps=50,
                          batch_size=32, random_masks=False, evals=True, stage1_mm2mm=False,
-                         towers="scratch")
+                         towers="scratch", oracle_masks=False)
+  if arg.random_masks and arg.oracle_masks:
+    raise ValueError("solar config: random_masks and oracle_masks exclude each other")
   if arg.towers not in ("scratch", "shipped"):
     raise ValueError(f"solar config: towers must be 'scratch' or 'shipped', got {arg.towers!r}")
   if arg.towers == "shipped":
@@ -97,7 +101,8 @@ def get_config(arg=None):
       method=dict(name="solar_stage2", num_segments=4, segment_iterations=5,
                   segment_position_weight=1.0, random_masks=arg.random_masks),
       loss=dict(name="solar_stage2", temperature=0.05, symmetric=True, view_mode="random",
-                mask_ratio=0.3, negative_ratio=1.0, min_variance=1e-6),
+                mask_ratio=0.3, negative_ratio=1.0, min_variance=1e-6,
+                oracle_masks=arg.oracle_masks, patch_label_fraction=0.25),
       evals={})
   mm2mm = dict(type="mm2mm", dataset=world, split="mm2mm", batch_size=64, every=0)
   if arg.evals:

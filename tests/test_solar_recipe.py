@@ -234,3 +234,31 @@ def test_two_stage_run_resumes_in_stage2_and_writes_overlays(tmp_path, monkeypat
   assert width == 4 * (3 * 32 + 4) and height == 4 * (3 * 32 + 2 * 2)  # 3 rows of 3 panels
   lines = open(os.path.join(workdir, "stage1", "eval", "masks", "text_masks.jsonl")).readlines()
   assert len(lines) == 3 and {"words", "true", "predicted"} <= set(json.loads(lines[0]))
+
+
+def test_stage2_oracle_masks_follow_the_ground_truth_not_the_mask_model():
+  rng = np.random.default_rng(4)
+  text_mask = np.arange(10)[None] < rng.integers(5, 11, (8, 1))
+  tokens = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  outputs = {"image_tokens": tokens(8, 16, 8), "text_tokens": tokens(8, 10, 8),
+             "text_mask": jnp.asarray(text_mask), "encode_joint": _pooled_joint,
+             "segment_ids": jnp.asarray(np.tile(np.repeat(np.arange(4), 4), (8, 1))),
+             "num_segments": 4, "view_rng": jax.random.PRNGKey(2)}
+  mask_model = lambda: {"mask_image_tokens": tokens(8, 16, 8),  # noqa: E731
+                        "mask_text_tokens": tokens(8, 10, 8), "mask_z_image": tokens(8, 8),
+                        "mask_z_text": tokens(8, 8)}
+  batch = {"text_intersection": np.where(text_mask, rng.integers(0, 3, (8, 10)), 0),
+           "image_labels": rng.integers(0, 3, (8, 32, 32)).astype(np.uint8)}
+  loss_fn = losses.get("solar_stage2")
+  first, second = mask_model(), mask_model()
+  oracle = [loss_fn(dict(outputs, **m), batch, view_mode="both", oracle_masks=True)[0]
+            for m in (first, second)]
+  learned = [loss_fn(dict(outputs, **m), batch, view_mode="both")[0] for m in (first, second)]
+  # Views from the labels: whatever the mask model says, the loss is the same; not so without.
+  np.testing.assert_allclose(oracle[0], oracle[1], rtol=1e-6)
+  assert np.isfinite(oracle[0]) and learned[0] != learned[1]
+  with pytest.raises(ValueError, match="text_intersection"):
+    loss_fn(dict(outputs, **first), {}, oracle_masks=True)
+  with pytest.raises(ValueError, match="exclude each other"):
+    loss_fn(dict(outputs, **first, random_mask_rng=jax.random.PRNGKey(0)), batch,
+            oracle_masks=True)

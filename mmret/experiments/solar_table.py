@@ -4,7 +4,8 @@
 
 Rows: CL with score fusion (image<->text InfoNCE, z_joint = normalise(z_image + z_text)), GCL on
 the same score-fusion model, SOLAR stage 1 only (the full-SOLAR runs' stage-1 result, evaluated
-before stage 2), full SOLAR, and SOLAR with random masks of the learned masks' density. Baselines
+before stage 2), full SOLAR, SOLAR with random masks of the learned masks' density, and (a
+diagnostic) SOLAR whose stage 2 builds its views from the ground-truth intersection labels. Baselines
 train for as many steps as SOLAR's two stages together, at the same batch size. Columns:
 Recall@1/5/10, mR, Precision overall and by the kind of fact the hard negative changes, Avg. Writes
 ``<workdir>/solar_table.md`` and ``solar_table.json`` (every run's metrics); finished runs are
@@ -40,6 +41,8 @@ COLUMNS = {
     "P text-only": METRIC.format("precision/text_only"), "Avg": METRIC.format("avg"),
 }
 STAGE1_ROW, SOLAR_ROW = "SOLAR stage 1 only", "SOLAR"
+# Diagnostic row: stage 2 from the ground-truth intersection labels (what perfect masks give).
+ORACLE_ROW = "SOLAR, ground-truth masks in stage 2"
 
 
 def _common(config, seed, data_dir, batch_size):
@@ -69,15 +72,16 @@ def baseline(loss_name, *, world, steps, batch_size, data_dir):
   return make
 
 
-def solar(*, world, stage1_steps, stage2_steps, batch_size, data_dir, random_masks=False):
+def solar(*, world, stage1_steps, stage2_steps, batch_size, data_dir, random_masks=False,
+          oracle_masks=False):
   """The two-stage recipe; the learned-mask variant also evaluates MM2MM after stage 1."""
 
   def make(seed):
     config = solar_config.get_config(
         f"world={world},stage1_steps={stage1_steps},stage2_steps={stage2_steps},"
-        f"random_masks={random_masks},evals=false")
+        f"random_masks={random_masks},oracle_masks={oracle_masks},evals=false")
     config.stages.stage2.evals = {"mm2mm": _mm2mm(world)}
-    if not random_masks:
+    if not (random_masks or oracle_masks):
       config.stages.stage1.evals = {"mm2mm": _mm2mm(world)}
     config.ckpt_every = max(stage1_steps, stage2_steps)
     return _common(config, seed, data_dir, batch_size)
@@ -94,6 +98,8 @@ def variants(*, world, stage1_steps, stage2_steps, batch_size, data_dir=None) ->
       SOLAR_ROW: solar(stage1_steps=stage1_steps, stage2_steps=stage2_steps, **shared),
       "SOLAR, random masks": solar(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                    random_masks=True, **shared),
+      ORACLE_ROW: solar(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                        oracle_masks=True, **shared),
   }
 
 

@@ -219,7 +219,8 @@ STAGE2_KEYS = ("image_tokens", "text_tokens", "text_mask", "encode_joint", "mask
 
 @register("solar_stage2")
 def solar_stage2_loss(outputs, batch, *, axis_name=None, temperature=0.05, symmetric=True,
-                      view_mode="random", mask_ratio=0.3, negative_ratio=1.0, min_variance=1e-6):
+                      view_mode="random", mask_ratio=0.3, negative_ratio=1.0, min_variance=1e-6,
+                      oracle_masks=False, patch_label_fraction=0.25):
   """Stage 2: multi-positive InfoNCE over joint embeddings of original, positive and negative views.
 
   The frozen mask model's tokens are scored against its partner globals; a threshold per modality
@@ -229,8 +230,15 @@ def solar_stage2_loss(outputs, batch, *, axis_name=None, temperature=0.05, symme
   for a hard negative (``view_mode``: which modality each sample masks). The trained joint encoder
   embeds the three views of each sample from the trained model's tokens; negatives are the
   constructed hard negatives and every other sample's views (all devices).
+
+  ``oracle_masks`` (a diagnostic, embedded world only): the views are built from the batch's
+  ground-truth intersection labels (``text_intersection``; ``image_labels`` turned into patch labels
+  with ``patch_label_fraction``) instead of the mask model's scores, which bounds what better masks
+  could give.
   """
   _check_keys(outputs, STAGE2_KEYS, "solar_stage2")
+  if oracle_masks and "random_mask_rng" in outputs:
+    raise ValueError("solar_stage2: oracle_masks and random masks exclude each other")
   text_mask = outputs["text_mask"]
   mask_image, mask_text = outputs["mask_image_tokens"], outputs["mask_text_tokens"]
   mask_z_image, mask_z_text = outputs["mask_z_image"], outputs["mask_z_text"]
@@ -249,6 +257,15 @@ def solar_stage2_loss(outputs, batch, *, axis_name=None, temperature=0.05, symme
                                     patch_valid)
     text_scores = random_mask_like(text_rng, solar.intersection_mask(text_scores, text_threshold,
                                                                      text_mask), text_mask)
+    image_threshold = text_threshold = jnp.float32(0.5)
+  if oracle_masks:
+    missing = sorted({"text_intersection", "image_labels"} - set(batch))
+    if missing:
+      raise ValueError(f"solar_stage2: oracle_masks needs the ground-truth batch keys {missing} "
+                       "(the embedded world's training split carries them)")
+    image_scores = patch_labels(batch["image_labels"], patch_grid(mask_image.shape[1]),
+                                min_fraction=patch_label_fraction).astype(jnp.float32)
+    text_scores = (batch["text_intersection"] == INTERSECTION_LABEL).astype(jnp.float32)
     image_threshold = text_threshold = jnp.float32(0.5)
   views = solar.stage2_views(outputs["view_rng"], text_scores, text_threshold, text_mask,
                              image_scores, image_threshold, outputs["segment_ids"],
