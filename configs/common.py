@@ -81,15 +81,18 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHIPPED_SIZE = "minilm_l6_efficientnet_lite0"
 
 
-def use_shipped_towers(config, *, image_size: int = 128, tower_lr_mult: float = 0.1):
+def use_shipped_towers(config, *, image_size: int = 128, freeze_towers: bool = True,
+                       tower_lr_mult: float = 0.1):
   """Starts ``config``'s towers from the real weights pip packages ship (``towers=shipped``).
 
   EfficientNet-Lite0 (ImageNet) as the image tower and all-MiniLM-L6-v2 as the text tower, with
   MiniLM's WordPiece vocabulary and ImageNet normalisation. ``config.model.size`` must be
   ``minilm_l6_efficientnet_lite0``. At 128 px the last feature map is 4x4, the patch grid of the
-  from-scratch tiny ViT (32 px, 8 px patches). The pretrained towers train at ``tower_lr_mult``
-  times the learning rate (lightly tuned, as the papers do); adapters and heads train at the full
-  rate. Needs ``pip install -e '.[pretrained]'``.
+  from-scratch tiny ViT (32 px, 8 px patches). With ``freeze_towers`` (the default, so that the
+  recipes run on a CPU in minutes) the towers stay fixed and only their backward-free forward
+  pass runs; adapters, projections and the joint encoder train. Otherwise
+  (``--config.optim.freeze=''``) the towers are tuned lightly, at ``tower_lr_mult`` times the
+  learning rate. Needs ``pip install -e '.[pretrained]'``.
   """
   from mmret.models import pretrained  # only these runs need the shipped packages
 
@@ -102,4 +105,6 @@ def use_shipped_towers(config, *, image_size: int = 128, tower_lr_mult: float = 
   config.input.image_size = image_size
   config.input.mean, config.input.std = IMAGENET_MEAN, IMAGENET_STD
   config.optim.lr_mults = ((r"^(image|text)_tower/", tower_lr_mult),)
+  if freeze_towers:
+    config.optim.freeze = r"^(image|text)_tower/"
   return config

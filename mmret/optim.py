@@ -55,6 +55,17 @@ def _group_of(path, freeze, lr_mults):
   return "default"
 
 
+def frozen_mask(optim_cfg, params):
+  """Pytree of bools over ``params``: True where ``optim.freeze`` matches (None: nothing frozen).
+
+  The train step stops gradients at these leaves, so XLA drops the backward pass of a frozen
+  tower instead of computing gradients that the optimizer then zeroes.
+  """
+  if not optim_cfg.freeze:
+    return None
+  return _label_tree(params, lambda path, _: bool(re.search(optim_cfg.freeze, path)))
+
+
 def make_optimizer(optim_cfg, params, total_steps: int):
   """Returns (optax transform, learning-rate schedule) for ``params``.
 

@@ -30,17 +30,21 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch, *, forward, loss_fn, tx, lr_schedule,
-               axis_name=None):
+               axis_name=None, frozen_mask=None):
   """One optimisation step on this device's batch; returns (new state, metrics).
 
   ``forward(params, frozen, batch, *, rng, step) -> outputs`` (see ``mmret.methods``) and
   ``loss_fn(outputs, batch, *, axis_name) -> (loss, metrics)`` (see ``mmret.losses``).
+  ``frozen_mask`` (``optim.frozen_mask``): parameters whose gradient is never computed.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
   def objective(params):
+    if frozen_mask is not None:
+      params = jax.tree.map(lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,
+                            params, frozen_mask)
     outputs = forward(params, state.frozen, batch, rng=rng, step=state.step)
     return loss_fn(outputs, batch, axis_name=axis_name)
 

@@ -73,6 +73,7 @@ class Setup:
     abstract_params = jax.eval_shape(
         lambda: self.model.init(jax.random.PRNGKey(0), self.example)["params"])
     self.tx, self.lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    self.frozen_mask = optim.frozen_mask(config.optim, abstract_params)
     self.method = methods.get(config.method.name)
     method_hparams = _hparams(config.method)
     self.forward = self.method.make_forward(self.model, **method_hparams)
@@ -178,7 +179,7 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
 
   train_fn = mapping.compile(functools.partial(
       step_lib.train_step, forward=setup.forward, loss_fn=setup.loss_fn, tx=setup.tx,
-      lr_schedule=setup.lr))
+      lr_schedule=setup.lr, frozen_mask=setup.frozen_mask))
   native_state = mapping.put_state(state)
   del state
   writer = metrics_writer.MetricWriter(workdir, enabled=is_writer)

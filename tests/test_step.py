@@ -94,3 +94,33 @@ def test_batch_not_divisible_by_devices_names_the_key():
 def test_unknown_mapping_is_an_error():
   with pytest.raises(ValueError, match="pmapp"):
     step_lib.DeviceMapping("pmapp")
+
+
+def test_frozen_tower_gets_no_update_and_no_backward_pass():
+  model_cfg = common.model_config("tiny")
+  model_cfg.image.patch_size = 4
+  model = build_model(model_cfg, vocab_size=50, max_text_len=8)
+  batch = _batch(8)
+  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  forward, loss_fn = methods.get("contrastive").make_forward(model), losses.get("clip")
+
+  def step_and_flops(freeze):
+    optim_cfg = common.optim_config(lr=1e-2, warmup_steps=1, freeze=freeze)
+    tx, lr = optim.make_optimizer(optim_cfg, params, total_steps=10)
+    body = jax.jit(functools.partial(step_lib.train_step, forward=forward, loss_fn=loss_fn, tx=tx,
+                                     lr_schedule=lr, frozen_mask=optim.frozen_mask(optim_cfg, params)))
+    state = jax.device_get(step_lib.init_state(model, batch, tx, seed=0,
+                                               mapping=step_lib.DeviceMapping("shard_map")))
+    flops = body.lower(state, batch).compile().cost_analysis()["flops"]
+    after = body(body(state, batch)[0], batch)[0]  # the first step has learning rate 0 (warmup)
+    return state, after, flops
+
+  before, after, frozen_flops = step_and_flops("^image_tower/")
+  jax.tree.map(np.testing.assert_array_equal, after.params["image_tower"],
+               before.params["image_tower"])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                                       after.params["text_tower"], before.params["text_tower"]))
+  assert max(moved) > 1e-4
+  _, _, full_flops = step_and_flops("")
+  # The image tower's backward pass is gone (its forward pass stays).
+  assert frozen_flops < 0.9 * full_flops, (frozen_flops, full_flops)
