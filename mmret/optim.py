@@ -63,7 +63,7 @@ def frozen_mask(optim_cfg, params):
   """
   if not optim_cfg.freeze:
     return None
-  return _label_tree(params, lambda path, _: bool(re.search(optim_cfg.freeze, path)))
+  return _label_tree(params, lambda path, _: _group_of(path, optim_cfg.freeze, ()) == "frozen")
 
 
 def make_optimizer(optim_cfg, params, total_steps: int):
