@@ -102,6 +102,8 @@ class DeviceMapping:
       return state
 
     def canonical(x):
+      if isinstance(x, np.ndarray):  # put_state's host copy, not yet moved by a step
+        return jax.device_put(x[0], self.replicated)
       shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
       copies = [s.data.reshape(x.shape[1:]) for s in shards]
       return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, copies)

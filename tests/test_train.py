@@ -56,6 +56,13 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_dir):
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3, 6]
   assert final["step"] == 6 and json.load(open(tmp_path / "final_metrics.json"))["step"] == 6
 
+  # Launched again, the finished run resumes at its last step: no training, evaluations again.
+  again = train.run(config, str(tmp_path))
+  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert [x["step"] for x in lines if "loss" in x] == list(range(1, 7))
+  assert [x["step"] for x in lines if "loss" not in x] == [6, 6]
+  assert again["eval/caption5/rsum"] == final["eval/caption5/rsum"]
+
 
 @pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, monkeypatch, mapping):
