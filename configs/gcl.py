@@ -49,6 +49,7 @@ Arguments (defaults in brackets):
                          and all-MiniLM-L6-v2 weights pip packages ship (128 px, MiniLM's
                          vocabulary; pair it with a real-image world, e.g. world=fashion_tiny)
 """
+
 import ml_collections
 
 from configs import clip, common
@@ -60,9 +61,20 @@ PRETRAIN, FINETUNE = "1_pretrain", "2_finetune"  # stage names (and directories)
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", world="tiny", loss="gcl", fusion="fusion", steps=300,
-                         pretrain_steps=600, lr=3e-4, temperature=0.0, drop_other_positive=False,
-                         evals=True, towers="scratch")
+  arg = common.parse_arg(
+      arg,
+      size="tiny",
+      world="tiny",
+      loss="gcl",
+      fusion="fusion",
+      steps=300,
+      pretrain_steps=600,
+      lr=3e-4,
+      temperature=0.0,
+      drop_other_positive=False,
+      evals=True,
+      towers="scratch",
+  )
   if arg.towers not in ("scratch", "shipped"):
     raise ValueError(f"gcl config: towers must be 'scratch' or 'shipped', got {arg.towers!r}")
   if arg.towers == "shipped":
@@ -74,35 +86,51 @@ def get_config(arg=None):
   if arg.drop_other_positive and arg.loss != "gcl":
     raise ValueError(f"gcl config: drop_other_positive applies to loss=gcl only, not {arg.loss!r}")
   if arg.steps < 1 or arg.pretrain_steps < 1:
-    raise ValueError(f"gcl config: steps ({arg.steps}) and pretrain_steps "
-                     f"({arg.pretrain_steps}) must be positive")
+    raise ValueError(
+        f"gcl config: steps ({arg.steps}) and pretrain_steps "
+        f"({arg.pretrain_steps}) must be positive"
+    )
 
   # The dual-encoder recipe; its numbers are the pretraining stage's.
   config = clip.get_config(f"size={arg.size},world={arg.world},steps={arg.pretrain_steps}")
   config.model.joint_kind = arg.fusion
   if arg.towers == "shipped":
     common.use_shipped_towers(config)
-  config.eval_every = 0       # evaluate at the end of each stage (its final state)
+  config.eval_every = 0  # evaluate at the end of each stage (its final state)
 
   finetune_loss = {"name": arg.loss}
   if arg.temperature > 0:
     finetune_loss["temperature"] = arg.temperature
   if arg.loss == "gcl":
     finetune_loss["drop_other_positive"] = arg.drop_other_positive
-  config.stages = ml_collections.ConfigDict({
-      PRETRAIN: {"total_steps": arg.pretrain_steps, "loss": {"name": "clip"}},
-      # Fine-tuning warms up over a tenth of its steps (at most 20).
-      FINETUNE: {"total_steps": arg.steps, "loss": finetune_loss,
-                 "optim": {"lr": arg.lr, "warmup_steps": min(20, arg.steps // 10)}},
-  })
+  config.stages = ml_collections.ConfigDict(
+      {
+          PRETRAIN: {"total_steps": arg.pretrain_steps, "loss": {"name": "clip"}},
+          # Fine-tuning warms up over a tenth of its steps (at most 20).
+          FINETUNE: {
+              "total_steps": arg.steps,
+              "loss": finetune_loss,
+              "optim": {"lr": arg.lr, "warmup_steps": min(20, arg.steps // 10)},
+          },
+      }
+  )
 
   config.evals = ml_collections.ConfigDict()
   if arg.evals:
     world = f"mmret_world/{arg.world}"
-    config.evals.universal = dict(type="retrieval", dataset=world, split="universal", every=0,
-                                  pools=("local", "global"), recall_k=5, batch_size=64)
-    config.evals.gap_universal = dict(type="modality_gap", dataset=world,
-                                      split="universal_candidates", every=0, batch_size=64)
-    config.evals.gap_train = dict(type="modality_gap", dataset=world, split="train", every=0,
-                                  max_records=512, batch_size=64)
+    config.evals.universal = dict(
+        type="retrieval",
+        dataset=world,
+        split="universal",
+        every=0,
+        pools=("local", "global"),
+        recall_k=5,
+        batch_size=64,
+    )
+    config.evals.gap_universal = dict(
+        type="modality_gap", dataset=world, split="universal_candidates", every=0, batch_size=64
+    )
+    config.evals.gap_train = dict(
+        type="modality_gap", dataset=world, split="train", every=0, max_records=512, batch_size=64
+    )
   return config

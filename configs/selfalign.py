@@ -45,6 +45,7 @@ them (the ``world`` tokenizer knows only the embedded world's words), e.g. CLIP'
 Other arguments: data (a prepared Karpathy-format dataset directory; empty = the embedded world),
 fold_size (caption5 fold size; 0 = none).
 """
+
 import ml_collections
 
 from configs import common
@@ -66,8 +67,16 @@ HARDEST_STAGE_LR_WARMUP = 10
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", world="tiny", variant="both", steps=600,
-                         sum_warmup=100, data="", fold_size=0)
+  arg = common.parse_arg(
+      arg,
+      size="tiny",
+      world="tiny",
+      variant="both",
+      steps=600,
+      sum_warmup=100,
+      data="",
+      fold_size=0,
+  )
   if arg.variant not in VARIANTS:
     raise ValueError(f"unknown selfalign variant {arg.variant!r}; known: {sorted(VARIANTS)}")
   if not 0 <= arg.sum_warmup < arg.steps:
@@ -79,10 +88,10 @@ def get_config(arg=None):
   config.seed = 0
   config.total_steps = arg.steps
   config.log_every = 50
-  config.eval_every = 0            # caption5 runs at the end of training only
+  config.eval_every = 0  # caption5 runs at the end of training only
   config.ckpt_every = 0
   config.keep_ckpts = 1
-  config.mapping = "pmap"          # 'pmap' | 'shard_map'
+  config.mapping = "pmap"  # 'pmap' | 'shard_map'
 
   config.input = pipeline.default_input_config()
   dataset = arg.data or f"mmret_world/{arg.world}"
@@ -92,31 +101,40 @@ def get_config(arg=None):
     config.input.image_size = 64
 
   config.model = common.model_config(arg.size)
-  config.model.joint_kind = "fusion"   # independent towers: nothing joint at retrieval time
+  config.model.joint_kind = "fusion"  # independent towers: nothing joint at retrieval time
   config.model.unimodal = "tower"
   config.model.num_prototypes = (64 if tiny else 1024) if concept else 0
   config.optim = common.optim_config(lr=1e-3 if tiny else 5e-4, warmup_steps=50)
 
-  config.method = ml_collections.ConfigDict(dict(
-      name="selfalign",
-      similarity="final" if context else "global",
-      pooling_temperature=0.1,
-  ))
-  config.loss = ml_collections.ConfigDict(dict(
-      name="selfalign",
-      margin=0.2,
-      max_violation=True,
-      concept_weight=1.0 if concept else 0.0,
-      context_weight=1.0 if context else 0.0,
-      epsilon=0.05,
-      sinkhorn_iterations=2,
-      concept_temperature=0.1,
-      context_temperature=0.7,
-      num_negatives=512,
-  ))
+  config.method = ml_collections.ConfigDict(
+      dict(
+          name="selfalign",
+          similarity="final" if context else "global",
+          pooling_temperature=0.1,
+      )
+  )
+  config.loss = ml_collections.ConfigDict(
+      dict(
+          name="selfalign",
+          margin=0.2,
+          max_violation=True,
+          concept_weight=1.0 if concept else 0.0,
+          context_weight=1.0 if context else 0.0,
+          epsilon=0.05,
+          sinkhorn_iterations=2,
+          concept_temperature=0.1,
+          context_temperature=0.7,
+          num_negatives=512,
+      )
+  )
   config.evals = ml_collections.ConfigDict()
-  config.evals.caption5 = dict(type="caption5", dataset=dataset,
-                               split="test" if arg.data else "caption5", every=0, batch_size=100)
+  config.evals.caption5 = dict(
+      type="caption5",
+      dataset=dataset,
+      split="test" if arg.data else "caption5",
+      every=0,
+      batch_size=100,
+  )
   if arg.fold_size:
     config.evals.caption5.fold_size = arg.fold_size
   if arg.sum_warmup:
@@ -124,10 +142,16 @@ def get_config(arg=None):
     # (the hinge then sits at the margin); as VSE-infinity does, the first steps use the sum over
     # negatives, then a second stage continues from those weights with the hardest negative.
     # Stage names start with their number: a ConfigDict keeps keys sorted and stages run in order.
-    config.stages = ml_collections.ConfigDict({
-        SUM_STAGE: {"total_steps": arg.sum_warmup, "loss": {"max_violation": False}},
-        HARDEST_STAGE: {"total_steps": arg.steps - arg.sum_warmup,
-                        "optim": {"lr": config.optim.lr * HARDEST_STAGE_LR_FACTOR,
-                                  "warmup_steps": HARDEST_STAGE_LR_WARMUP}},
-    })
+    config.stages = ml_collections.ConfigDict(
+        {
+            SUM_STAGE: {"total_steps": arg.sum_warmup, "loss": {"max_violation": False}},
+            HARDEST_STAGE: {
+                "total_steps": arg.steps - arg.sum_warmup,
+                "optim": {
+                    "lr": config.optim.lr * HARDEST_STAGE_LR_FACTOR,
+                    "warmup_steps": HARDEST_STAGE_LR_WARMUP,
+                },
+            },
+        }
+    )
   return config

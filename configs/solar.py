@@ -41,6 +41,7 @@ Defaults chosen where the public record is silent (tiny size, CPU, a few minutes
   the positive, ``negative_ratio`` 1.0 of the difference units dropped for the hard negative;
   ``temperature`` eta = 0.05; symmetric (positive views anchor too); lr 5e-4 with 10 warmup steps.
 """
+
 import ml_collections
 
 from configs import common
@@ -49,9 +50,19 @@ import mmret.evals.solar_masks  # noqa: F401  (registers the 'solar_masks' evalu
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", world="tiny", stage1_steps=150, stage2_steps=50,
-                         batch_size=32, random_masks=False, evals=True, stage1_mm2mm=False,
-                         towers="scratch", oracle_masks=False)
+  arg = common.parse_arg(
+      arg,
+      size="tiny",
+      world="tiny",
+      stage1_steps=150,
+      stage2_steps=50,
+      batch_size=32,
+      random_masks=False,
+      evals=True,
+      stage1_mm2mm=False,
+      towers="scratch",
+      oracle_masks=False,
+  )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")
   if arg.towers not in ("scratch", "shipped"):
@@ -62,10 +73,10 @@ def get_config(arg=None):
   config.seed = 0
   config.total_steps = arg.stage1_steps  # each stage sets its own
   config.log_every = 50
-  config.eval_every = 0                  # evaluations run at the end of their stage
+  config.eval_every = 0  # evaluations run at the end of their stage
   config.ckpt_every = 100
   config.keep_ckpts = 2
-  config.mapping = "pmap"                # 'pmap' | 'shard_map'
+  config.mapping = "pmap"  # 'pmap' | 'shard_map'
 
   config.input = pipeline.default_input_config()
   world = f"mmret_world/{arg.world}"
@@ -89,25 +100,59 @@ def get_config(arg=None):
 
   stage1 = dict(
       total_steps=arg.stage1_steps,
-      method=dict(name="solar_stage1", anneal_steps=arg.stage1_steps // 2,
-                  anneal_schedule="linear", random_masks=arg.random_masks),
-      loss=dict(name="solar_stage1", itc_weight=1.0, gla_weight=1.0, ld_weight=0.1,
-                gd_weight=0.1, gla_margin=0.2, temperature=None, min_variance=1e-6,
-                patch_label_fraction=0.25),
-      evals={})
+      method=dict(
+          name="solar_stage1",
+          anneal_steps=arg.stage1_steps // 2,
+          anneal_schedule="linear",
+          random_masks=arg.random_masks,
+      ),
+      loss=dict(
+          name="solar_stage1",
+          itc_weight=1.0,
+          gla_weight=1.0,
+          ld_weight=0.1,
+          gd_weight=0.1,
+          gla_margin=0.2,
+          temperature=None,
+          min_variance=1e-6,
+          patch_label_fraction=0.25,
+      ),
+      evals={},
+  )
   stage2 = dict(
       total_steps=arg.stage2_steps,
       optim=dict(lr=5e-4 if arg.size == "tiny" else 2e-4, warmup_steps=10),
-      method=dict(name="solar_stage2", num_segments=4, segment_iterations=5,
-                  segment_position_weight=1.0, random_masks=arg.random_masks),
-      loss=dict(name="solar_stage2", temperature=0.05, symmetric=True, view_mode="random",
-                mask_ratio=0.3, negative_ratio=1.0, min_variance=1e-6,
-                oracle_masks=arg.oracle_masks, patch_label_fraction=0.25),
-      evals={})
+      method=dict(
+          name="solar_stage2",
+          num_segments=4,
+          segment_iterations=5,
+          segment_position_weight=1.0,
+          random_masks=arg.random_masks,
+      ),
+      loss=dict(
+          name="solar_stage2",
+          temperature=0.05,
+          symmetric=True,
+          view_mode="random",
+          mask_ratio=0.3,
+          negative_ratio=1.0,
+          min_variance=1e-6,
+          oracle_masks=arg.oracle_masks,
+          patch_label_fraction=0.25,
+      ),
+      evals={},
+  )
   mm2mm = dict(type="mm2mm", dataset=world, split="mm2mm", batch_size=64, every=0)
   if arg.evals:
-    stage1["evals"]["masks"] = dict(type="solar_masks", dataset=world, split="train", every=0,
-                                    num_examples=256, num_overlays=8, patch_label_fraction=0.25)
+    stage1["evals"]["masks"] = dict(
+        type="solar_masks",
+        dataset=world,
+        split="train",
+        every=0,
+        num_examples=256,
+        num_overlays=8,
+        patch_label_fraction=0.25,
+    )
     if arg.stage1_mm2mm:
       stage1["evals"]["mm2mm"] = mm2mm
     stage2["evals"]["mm2mm"] = mm2mm

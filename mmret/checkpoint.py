@@ -4,6 +4,7 @@ Each save is one Orbax step directory written to a temporary name and renamed wh
 so an interrupted save never looks finished. ``restore`` puts the data iterator back where it
 was, which makes a resumed run bit-identical to an uninterrupted one.
 """
+
 import os
 
 import grain
@@ -18,8 +19,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
@@ -51,7 +53,8 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It may be truncated "
           f"or from a different model/config; move it aside to resume from an earlier one "
-          f"(complete steps here: {self.all_steps()})") from e
+          f"(complete steps here: {self.all_steps()})"
+      ) from e
     return restored["state"]
 
   def wait(self):

@@ -11,6 +11,7 @@ The config gives the model, preprocessing and (unless --eval_type is given) the 
 (default: ``<workdir>/eval_only``): ``eval/<name>.{json,md,png}`` and ``metrics.json``.
 Multi-stage recipes are evaluated with their last stage's parameters.
 """
+
 import json
 import os
 
@@ -21,8 +22,9 @@ from mmret import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory holding checkpoints.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
-                                  "'latest', a step number, or 'none' (freshly initialised).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "'latest', a step number, or 'none' (freshly initialised)."
+)
 _OUT = flags.DEFINE_string("out", None, "Report directory (default <workdir>/eval_only).")
 _EVAL_TYPE = flags.DEFINE_string("eval_type", None, "Evaluator type (caption5, retrieval, ...).")
 _EVAL_DATASET = flags.DEFINE_string("eval_dataset", None, "Prepared dataset path or name.")
@@ -37,8 +39,9 @@ def _evals_config(config):
   if not (_EVAL_DATASET.value and _EVAL_SPLIT.value):
     raise app.UsageError("--eval_type needs --eval_dataset and --eval_split")
   name = f"{_EVAL_TYPE.value}_{os.path.basename(_EVAL_DATASET.value.rstrip('/'))}"
-  return {name: {"type": _EVAL_TYPE.value, "dataset": _EVAL_DATASET.value,
-                 "split": _EVAL_SPLIT.value}}
+  return {
+      name: {"type": _EVAL_TYPE.value, "dataset": _EVAL_DATASET.value, "split": _EVAL_SPLIT.value}
+  }
 
 
 def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
@@ -65,8 +68,16 @@ def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
       params = checkpointer.restore(setup.abstract_state(mapping), step=step).params
     finally:
       checkpointer.close()
-  results = evals.run_evals(setup.predict, evals_cfg, stage.input, step, out, params=params,
-                            final=True, data_dir=stage.input.data_dir)
+  results = evals.run_evals(
+      setup.predict,
+      evals_cfg,
+      stage.input,
+      step,
+      out,
+      params=params,
+      final=True,
+      data_dir=stage.input.data_dir,
+  )
   if jax.process_index() == 0:
     with open(os.path.join(out, "metrics.json"), "w") as f:
       json.dump({"step": step, "checkpoint": checkpoint, **results}, f, indent=2)
@@ -82,8 +93,13 @@ def main(argv):
   if out is None:
     raise app.UsageError("give --out (or --workdir)")
   os.makedirs(out, exist_ok=True)
-  results = evaluate(_CONFIG.value, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, out=out,
-                     evals_cfg=_evals_config(_CONFIG.value))
+  results = evaluate(
+      _CONFIG.value,
+      workdir=_WORKDIR.value,
+      checkpoint=_CHECKPOINT.value,
+      out=out,
+      evals_cfg=_evals_config(_CONFIG.value),
+  )
   print(f"{len(results)} metrics; reports in {os.path.join(out, 'eval')}")
 
 

@@ -3,6 +3,7 @@
 Parses flags, initialises multi-host JAX when asked (see ``mmret.runtime``), and hands off to
 ``mmret.train.run``. Each process feeds its own part of the global batch.
 """
+
 import os
 
 from absl import app, flags
@@ -10,8 +11,9 @@ from ml_collections import config_flags
 
 from mmret import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Recipe config file (configs/*.py[:arg]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<recipe name>).")
 
 
@@ -26,6 +28,7 @@ def main(argv):
   runtime.setup_logging()
   runtime.initialize_jax()
   from mmret import train  # after JAX initialisation
+
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(config_path)
   train.run(_CONFIG.value, workdir)

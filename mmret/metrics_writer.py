@@ -3,6 +3,7 @@
 The event files are written directly (TFRecord framing around ``Event`` protos holding scalar
 summaries), so TensorBoard reads them without TensorFlow being installed here.
 """
+
 import json
 import os
 import socket
@@ -55,16 +56,20 @@ def encode_event(wall_time: float, step: int, *, scalars=None, file_version=None
     out += _field_bytes(3, file_version.encode())
   if scalars:
     values = b"".join(
-        _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
-                     + struct.pack("<f", float(value)))
-        for tag, value in scalars.items())
+        _field_bytes(
+            1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(value))
+        )
+        for tag, value in scalars.items()
+    )
     out += _field_bytes(5, values)
   return out
 
 
 def tfrecord(data: bytes) -> bytes:
   header = struct.pack("<Q", len(data))
-  return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+  return (
+      header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+  )
 
 
 def read_tfrecords(path: str):
@@ -96,7 +101,8 @@ class MetricWriter:
     os.makedirs(tb_dir, exist_ok=True)
     now = time.time()
     self.events_path = os.path.join(
-        tb_dir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}")
+        tb_dir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
+    )
     self._events = open(self.events_path, "ab")
     self._events.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
     self._events.flush()

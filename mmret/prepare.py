@@ -39,6 +39,7 @@ RETRIEVAL ``test_candidates`` / ``test_queries`` with each query's own ``candida
   python -m mmret.prepare --format=mmeb --src=/data/MMEB-eval --images=/data/MMEB-eval/eval_images \
       --tasks=ImageNet-1K,MSCOCO_t2i --out=/data/mmret/mmeb
 """
+
 import argparse
 import json
 import sys
@@ -53,42 +54,83 @@ def _comma_list(value: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m mmret.prepare", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog="python -m mmret.prepare",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--format", required=True, choices=importers.FORMATS, help="source format")
-  parser.add_argument("--src", required=True, help="source folder (layout per format: see the examples above)")
+  parser.add_argument(
+      "--src", required=True, help="source folder (layout per format: see the examples above)"
+  )
   parser.add_argument("--out", required=True, help="dataset directory to create")
-  parser.add_argument("--split", help="split to import / output split name (default per format: "
-                      "coco train2017, karpathy train,val,test, lcs558k train, mbeir/mmeb test)")
-  parser.add_argument("--on_error", choices=records.ON_ERROR_CHOICES, default="skip",
-                      help="skip and count bad records, or fail on the first one")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing dataset at --out")
-  parser.add_argument("--annotations",
-                      help="coco/karpathy/lcs558k: annotation file (default per format)")
-  parser.add_argument("--images",
-                      help="coco/karpathy/lcs558k/mmeb: image root (default per format)")
+  parser.add_argument(
+      "--split",
+      help="split to import / output split name (default per format: "
+      "coco train2017, karpathy train,val,test, lcs558k train, mbeir/mmeb test)",
+  )
+  parser.add_argument(
+      "--on_error",
+      choices=records.ON_ERROR_CHOICES,
+      default="skip",
+      help="skip and count bad records, or fail on the first one",
+  )
+  parser.add_argument(
+      "--overwrite", action="store_true", help="replace an existing dataset at --out"
+  )
+  parser.add_argument(
+      "--annotations", help="coco/karpathy/lcs558k: annotation file (default per format)"
+  )
+  parser.add_argument(
+      "--images", help="coco/karpathy/lcs558k/mmeb: image root (default per format)"
+  )
   parser.add_argument("--tasks", type=_comma_list, help="mbeir/mmeb: comma-separated tasks/subsets")
   parser.add_argument("--outputs", type=_comma_list, help="coco: pairs,caption5 (default both)")
-  parser.add_argument("--captions_per_image", type=int, help="coco/karpathy: captions per CAPTION5 "
-                      "record (default 5)")
-  parser.add_argument("--qrels", action=argparse.BooleanOptionalAction, default=None,
-                      help="mbeir: positives from the qrels files when present (default on)")
-  parser.add_argument("--instructions", action=argparse.BooleanOptionalAction, default=None,
-                      help="mbeir: instructions from query_instructions.tsv when present "
-                      "(default on)")
+  parser.add_argument(
+      "--captions_per_image",
+      type=int,
+      help="coco/karpathy: captions per CAPTION5 " "record (default 5)",
+  )
+  parser.add_argument(
+      "--qrels",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="mbeir: positives from the qrels files when present (default on)",
+  )
+  parser.add_argument(
+      "--instructions",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="mbeir: instructions from query_instructions.tsv when present " "(default on)",
+  )
   return parser
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  options = {k: getattr(args, k) for k in ("split", "annotations", "images", "tasks", "outputs",
-                                           "captions_per_image", "qrels", "instructions")}
+  options = {
+      k: getattr(args, k)
+      for k in (
+          "split",
+          "annotations",
+          "images",
+          "tasks",
+          "outputs",
+          "captions_per_image",
+          "qrels",
+          "instructions",
+      )
+  }
   try:
-    summary = importers.import_dataset(args.format, args.src, args.out, on_error=args.on_error,
-                                       overwrite=args.overwrite, **options)
-  except (importers.SchemaError, importers.RecordError, importers.EmptySplitError,
-          FileExistsError, ValueError) as e:
+    summary = importers.import_dataset(
+        args.format, args.src, args.out, on_error=args.on_error, overwrite=args.overwrite, **options
+    )
+  except (
+      importers.SchemaError,
+      importers.RecordError,
+      importers.EmptySplitError,
+      FileExistsError,
+      ValueError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(records.format_summary(summary))

@@ -4,6 +4,7 @@ The body is written for one device's slice of the global batch. With ``axis_name
 gather the other devices' samples over that axis and the body averages gradients with
 ``lax.pmean``; with ``axis_name=None`` it is the plain single-device step.
 """
+
 import functools
 from typing import Any, Callable
 
@@ -22,15 +23,16 @@ MAPPINGS = ("pmap", "shard_map")
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array        # int32 scalar: number of updates applied
-  params: Any            # trained parameters
+  step: jax.Array  # int32 scalar: number of updates applied
+  params: Any  # trained parameters
   opt_state: Any
-  rng: jax.Array         # base PRNG key; each step folds in the step (and device) index
-  frozen: Any            # parameters read but never updated (e.g. a distillation teacher)
+  rng: jax.Array  # base PRNG key; each step folds in the step (and device) index
+  frozen: Any  # parameters read but never updated (e.g. a distillation teacher)
 
 
-def train_step(state: TrainState, batch, *, forward, loss_fn, tx, lr_schedule,
-               axis_name=None, frozen_mask=None):
+def train_step(
+    state: TrainState, batch, *, forward, loss_fn, tx, lr_schedule, axis_name=None, frozen_mask=None
+):
   """One optimisation step on this device's batch; returns (new state, metrics).
 
   ``forward(params, frozen, batch, *, rng, step) -> outputs`` (see ``mmret.methods``) and
@@ -43,8 +45,9 @@ def train_step(state: TrainState, batch, *, forward, loss_fn, tx, lr_schedule,
 
   def objective(params):
     if frozen_mask is not None:
-      params = jax.tree.map(lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,
-                            params, frozen_mask)
+      params = jax.tree.map(
+          lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p, params, frozen_mask
+      )
     outputs = forward(params, state.frozen, batch, rng=rng, step=state.step)
     return loss_fn(outputs, batch, axis_name=axis_name)
 
@@ -72,8 +75,9 @@ class DeviceMapping:
     if kind not in MAPPINGS:
       raise ValueError(f"mapping must be one of {MAPPINGS}, got {kind!r}")
     self.kind = kind
-    self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = jax.make_mesh(
+        (jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(AXIS))
     self.local_devices = jax.local_devices()
@@ -83,8 +87,9 @@ class DeviceMapping:
     body = functools.partial(step_body, axis_name=AXIS)
     if self.kind == "pmap":
       return jax.pmap(body, axis_name=AXIS, donate_argnums=(0,))
-    mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(AXIS)),
-                           out_specs=(P(), P()), check_vma=False)
+    mapped = jax.shard_map(
+        body, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+    )
     return jax.jit(mapped, donate_argnums=(0,))
 
   def put_state(self, state):
@@ -94,7 +99,8 @@ class DeviceMapping:
     n = len(self.local_devices)
     # pmap moves a host array with a leading device axis onto the devices on its first call.
     return jax.tree.map(
-        lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)), (n,) + x.shape), state)
+        lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)), (n,) + x.shape), state
+    )
 
   def get_state(self, state):
     """The mapping's layout -> canonical replicated state (for checkpoints and evaluation)."""
@@ -115,12 +121,15 @@ class DeviceMapping:
     n = len(self.local_devices)
     for key, value in local_batch.items():
       if value.shape[0] % n:
-        raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows per process, not divisible "
-                         f"by the {n} local devices; adjust input.batch_size")
+        raise ValueError(
+            f"batch[{key!r}] has {value.shape[0]} rows per process, not divisible "
+            f"by the {n} local devices; adjust input.batch_size"
+        )
     if self.kind == "pmap":
       return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local_batch.items()}
-    return {k: jax.make_array_from_process_local_data(self.sharded, v)
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in local_batch.items()
+    }
 
   def get_metrics(self, metrics):
     """Replicated device metrics -> a dict of host floats."""
@@ -129,8 +138,9 @@ class DeviceMapping:
     return {k: float(np.asarray(jax.device_get(v)).reshape(-1)[0]) for k, v in metrics.items()}
 
 
-def init_state(model, example_batch, tx, *, seed: int, mapping: DeviceMapping, params=None,
-               frozen=None) -> TrainState:
+def init_state(
+    model, example_batch, tx, *, seed: int, mapping: DeviceMapping, params=None, frozen=None
+) -> TrainState:
   """The canonical train state, replicated over all devices.
 
   Parameters are initialised from ``seed`` unless ``params`` (e.g. pretrained or an earlier
@@ -141,7 +151,12 @@ def init_state(model, example_batch, tx, *, seed: int, mapping: DeviceMapping, p
     init_key, state_key = jax.random.split(key)
     if params is None:
       params = model.init({"params": init_key, "dropout": init_key}, example_batch)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_key, frozen=frozen if frozen is not None else {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=state_key,
+        frozen=frozen if frozen is not None else {},
+    )
 
   return jax.jit(init, out_shardings=mapping.replicated)(jax.random.PRNGKey(seed), params, frozen)

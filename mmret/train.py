@@ -5,6 +5,7 @@ directly. Starting with a workdir that holds a checkpoint resumes from it. A rec
 ``config.stages`` (e.g. SOLAR's two stages) runs them in order, each in ``workdir/<stage>`` and
 each starting from the previous stage's parameters; a resumed run continues in the right stage.
 """
+
 import copy
 import functools
 import json
@@ -23,7 +24,6 @@ from mmret import step as step_lib
 from mmret.data import pipeline, sources
 from mmret.models.retrieval import build_model
 
-
 # Evaluation metrics worth a log line (the last component of their key).
 HEADLINE_METRICS = ("rsum", "average", "mR", "precision", "avg", "hit@1")
 
@@ -35,16 +35,19 @@ class NonFiniteLossError(FloatingPointError):
 def example_batch(input_cfg, batch_size: int = 1) -> dict:
   """Zeros shaped like a training batch (for initialisation and shape inference)."""
   size, length = input_cfg.image_size, input_cfg.max_text_len
-  return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-          "text_ids": np.zeros((batch_size, length), np.int32),
-          "text_mask": np.ones((batch_size, length), bool)}
+  return {
+      "image": np.zeros((batch_size, size, size, 3), np.float32),
+      "text_ids": np.zeros((batch_size, length), np.int32),
+      "text_mask": np.ones((batch_size, length), bool),
+  }
 
 
 def check_batch_size(config):
   for count, what in ((jax.device_count(), "devices"), (jax.process_count(), "processes")):
     if config.input.batch_size % count:
-      raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
-                       f"{count} {what}")
+      raise ValueError(
+          f"input.batch_size={config.input.batch_size} is not divisible by the " f"{count} {what}"
+      )
 
 
 def prepare_data(config):
@@ -67,11 +70,13 @@ class Setup:
 
   def __init__(self, config):
     tokenizer = pipeline.tokenizer_for(config.input)
-    self.model = build_model(config.model, vocab_size=tokenizer.vocab_size,
-                             max_text_len=config.input.max_text_len)
+    self.model = build_model(
+        config.model, vocab_size=tokenizer.vocab_size, max_text_len=config.input.max_text_len
+    )
     self.example = example_batch(config.input)
     abstract_params = jax.eval_shape(
-        lambda: self.model.init(jax.random.PRNGKey(0), self.example)["params"])
+        lambda: self.model.init(jax.random.PRNGKey(0), self.example)["params"]
+    )
     self.tx, self.lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
     self.frozen_mask = optim.frozen_mask(config.optim, abstract_params)
     self.method = methods.get(config.method.name)
@@ -85,11 +90,14 @@ class Setup:
     """Fresh canonical state: initial, pretrained (``model.init``) or given ``params``."""
     if params is None and config.model.get("init"):
       from mmret.models import pretrained  # only runs that start from checkpoints need it
+
       params = jax.jit(lambda k: self.model.init(k, self.example)["params"])(
-          jax.random.PRNGKey(config.seed))
+          jax.random.PRNGKey(config.seed)
+      )
       params = pretrained.load_into(params, config.model.init)
-    state = step_lib.init_state(self.model, self.example, self.tx, seed=config.seed,
-                                mapping=mapping, params=params)
+    state = step_lib.init_state(
+        self.model, self.example, self.tx, seed=config.seed, mapping=mapping, params=params
+    )
     frozen = self.method.init_frozen(self.model, state.params, **self.method_hparams)
     return state.replace(frozen=jax.device_put(frozen, mapping.replicated))
 
@@ -99,11 +107,13 @@ class Setup:
     def init():
       state = step_lib.init_state(self.model, self.example, self.tx, seed=0, mapping=mapping)
       return state.replace(
-          frozen=self.method.init_frozen(self.model, state.params, **self.method_hparams))
+          frozen=self.method.init_frozen(self.model, state.params, **self.method_hparams)
+      )
 
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mapping.replicated),
-        jax.eval_shape(init))
+        jax.eval_shape(init),
+    )
 
 
 def load_params(config, workdir: str):
@@ -133,7 +143,8 @@ class _LossWatch:
       if not math.isfinite(value):
         raise NonFiniteLossError(
             f"loss is {value} at step {step}; stopping. Last good checkpoint: "
-            f"{last_good_checkpoint or 'none (no checkpoint saved yet)'}")
+            f"{last_good_checkpoint or 'none (no checkpoint saved yet)'}"
+        )
     self.pending = []
 
 
@@ -165,10 +176,14 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
   block_every_step = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
 
   data_iter = pipeline.make_train_iterator(
-      config.input, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.keep_ckpts)
+      config.input,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_ckpts
+  )
   last_ckpt = checkpointer.latest_step()
   if last_ckpt is not None:
     state = checkpointer.restore(setup.abstract_state(mapping), data_iter, step=last_ckpt)
@@ -177,15 +192,23 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
     state = setup.init_state(config, mapping, init_params)
   start = int(jax.device_get(state.step))
 
-  train_fn = mapping.compile(functools.partial(
-      step_lib.train_step, forward=setup.forward, loss_fn=setup.loss_fn, tx=setup.tx,
-      lr_schedule=setup.lr, frozen_mask=setup.frozen_mask))
+  train_fn = mapping.compile(
+      functools.partial(
+          step_lib.train_step,
+          forward=setup.forward,
+          loss_fn=setup.loss_fn,
+          tx=setup.tx,
+          lr_schedule=setup.lr,
+          frozen_mask=setup.frozen_mask,
+      )
+  )
   native_state = mapping.put_state(state)
   del state
   writer = metrics_writer.MetricWriter(workdir, enabled=is_writer)
   watch = _LossWatch()
-  last_good = (os.path.join(checkpointer.directory, str(last_ckpt))
-               if last_ckpt is not None else None)
+  last_good = (
+      os.path.join(checkpointer.directory, str(last_ckpt)) if last_ckpt is not None else None
+  )
   evals_cfg = _evals_with_defaults(config)
 
   def save(step, *, force=False):
@@ -198,20 +221,37 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
     if not evals_cfg:
       return {}
     from mmret import evals  # imported lazily: training without evals needs no search libs
-    if not final and not any(evals.runner.is_due(c["every"], step, final=False)
-                             for c in evals_cfg.values()):
+
+    if not final and not any(
+        evals.runner.is_due(c["every"], step, final=False) for c in evals_cfg.values()
+    ):
       return {}
     params = mapping.get_state(native_state).params
-    results = evals.run_evals(setup.predict, evals_cfg, config.input, step, workdir,
-                              params=params, final=final, data_dir=config.input.data_dir)
+    results = evals.run_evals(
+        setup.predict,
+        evals_cfg,
+        config.input,
+        step,
+        workdir,
+        params=params,
+        final=final,
+        data_dir=config.input.data_dir,
+    )
     writer.write(step, results)
     for name in evals_cfg:
       # Headline figures only; every metric is in metrics.jsonl and eval/<name>.md.
-      headline = {k.split("/", 2)[2]: v for k, v in results.items()
-                  if k.startswith(f"eval/{name}/") and k.rsplit("/", 1)[1] in HEADLINE_METRICS}
+      headline = {
+          k.split("/", 2)[2]: v
+          for k, v in results.items()
+          if k.startswith(f"eval/{name}/") and k.rsplit("/", 1)[1] in HEADLINE_METRICS
+      }
       if headline:
-        logging.info("step %d | eval %s | %s", step, name,
-                     " | ".join(f"{k} {v:.2f}" for k, v in sorted(headline.items())))
+        logging.info(
+            "step %d | eval %s | %s",
+            step,
+            name,
+            " | ".join(f"{k} {v:.2f}" for k, v in sorted(headline.items())),
+        )
     return results
 
   examples_per_step = config.input.batch_size
@@ -251,8 +291,11 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
     checkpointer.close()
   results = evaluate(config.total_steps, final=True) if run_final_evals else {}
   writer.close()
-  final = {"step": config.total_steps, **(mapping.get_metrics(metrics) if metrics else {}),
-           **results}
+  final = {
+      "step": config.total_steps,
+      **(mapping.get_metrics(metrics) if metrics else {}),
+      **results,
+  }
   if is_writer:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)

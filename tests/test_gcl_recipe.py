@@ -1,4 +1,5 @@
 """The GCL recipe: config choices, the modality-gap evaluator, and a short end-to-end table run."""
+
 import json
 import os
 
@@ -12,9 +13,9 @@ from mmret.data import world
 from mmret.evals import modality_gap
 from mmret.experiments import gcl_table
 
-
 # ---------------------------------------------------------------------------------------------
 # Config.
+
 
 @pytest.mark.parametrize("loss", gcl.LOSSES)
 @pytest.mark.parametrize("fusion", gcl.FUSIONS)
@@ -43,14 +44,23 @@ def test_config_builds_two_stages_for_every_loss_and_fusion(loss, fusion):
 def test_config_options_reach_the_finetuning_loss():
   config = gcl.get_config("loss=gcl,drop_other_positive=true,temperature=0.05")
   finetune = dict(train.stage_configs(config))[gcl.FINETUNE]
-  assert finetune.loss.to_dict() == {"name": "gcl", "drop_other_positive": True,
-                                     "temperature": 0.05}
+  assert finetune.loss.to_dict() == {
+      "name": "gcl",
+      "drop_other_positive": True,
+      "temperature": 0.05,
+  }
   assert not gcl.get_config("evals=false").evals
 
 
-@pytest.mark.parametrize("arg, culprit", [("loss=triplet", "triplet"), ("fusion=concat", "concat"),
-                                          ("loss=cl,drop_other_positive=true", "drop_other"),
-                                          ("steps=0", "steps")])
+@pytest.mark.parametrize(
+    "arg, culprit",
+    [
+        ("loss=triplet", "triplet"),
+        ("fusion=concat", "concat"),
+        ("loss=cl,drop_other_positive=true", "drop_other"),
+        ("steps=0", "steps"),
+    ],
+)
 def test_config_rejects_bad_arguments(arg, culprit):
   with pytest.raises(ValueError, match=culprit):
     gcl.get_config(arg)
@@ -59,20 +69,29 @@ def test_config_rejects_bad_arguments(arg, culprit):
 # ---------------------------------------------------------------------------------------------
 # Modality gap.
 
+
 def test_centroid_gap_on_known_embeddings():
   s = 1 / np.sqrt(2)
-  gap = modality_gap.centroid_gap({
-      "i": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),  # centroid (0.5, 0, 0.5)
-      "t": np.array([[0.0, 1.0, 0.0]] * 3),               # centroid (0, 1, 0)
-      "it": np.array([[s, s, 0.0], [s, s, 0.0]]),          # centroid (s, s, 0)
-  })
-  assert list(gap) == ["cosine/i-t", "distance/i-t", "cosine/i-it", "distance/i-it",
-                       "cosine/t-it", "distance/t-it"]
+  gap = modality_gap.centroid_gap(
+      {
+          "i": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),  # centroid (0.5, 0, 0.5)
+          "t": np.array([[0.0, 1.0, 0.0]] * 3),  # centroid (0, 1, 0)
+          "it": np.array([[s, s, 0.0], [s, s, 0.0]]),  # centroid (s, s, 0)
+      }
+  )
+  assert list(gap) == [
+      "cosine/i-t",
+      "distance/i-t",
+      "cosine/i-it",
+      "distance/i-it",
+      "cosine/t-it",
+      "distance/t-it",
+  ]
   np.testing.assert_allclose(gap["cosine/i-t"], 0.0, atol=1e-12)
   np.testing.assert_allclose(gap["distance/i-t"], np.sqrt(0.25 + 1 + 0.25))
   np.testing.assert_allclose(gap["cosine/i-it"], 0.5 * s / (s * 1.0))  # (0.5 s) / (|c_i| |c_it|)
   np.testing.assert_allclose(gap["cosine/t-it"], s)
-  np.testing.assert_allclose(gap["distance/t-it"], np.sqrt(s**2 + (1 - s)**2))
+  np.testing.assert_allclose(gap["distance/t-it"], np.sqrt(s**2 + (1 - s) ** 2))
 
 
 def test_centroid_gap_rejects_bad_input():
@@ -117,13 +136,18 @@ def test_modality_gap_evaluator_on_known_embeddings():
   records = [
       {"id": "a", "image": b"0", "caption": "w1"},
       {"id": "b", "image": b"0", "caption": "w1"},
-      {"id": "c", "image": b"", "caption": "w2"},    # text only: counts for t, not for i or it
-      {"id": "d", "image": b"3", "caption": ""},     # image only
-      {"id": "e", "image": b"2", "caption": "w2"},   # beyond max_records
+      {"id": "c", "image": b"", "caption": "w2"},  # text only: counts for t, not for i or it
+      {"id": "d", "image": b"3", "caption": ""},  # image only
+      {"id": "e", "image": b"2", "caption": "w2"},  # beyond max_records
   ]
   metrics = evals.get("modality_gap").evaluate(
-      _fake_predict, data=records, input_cfg=None, batch_size=2, max_records=4,
-      batches_fn=_fake_batches)
+      _fake_predict,
+      data=records,
+      input_cfg=None,
+      batch_size=2,
+      max_records=4,
+      batches_fn=_fake_batches,
+  )
   assert metrics["count/i"] == 3 and metrics["count/t"] == 3 and metrics["count/it"] == 2
   centroid_i = np.array([2, 0, 0, 1]) / 3
   centroid_t = np.array([0, 2, 1, 0]) / 3
@@ -132,13 +156,15 @@ def test_modality_gap_evaluator_on_known_embeddings():
   np.testing.assert_allclose(metrics["cosine/i-t"], 0.0, atol=1e-6)
   np.testing.assert_allclose(metrics["cosine/i-it"], cosine(centroid_i, centroid_it), rtol=1e-6)
   np.testing.assert_allclose(metrics["cosine/t-it"], cosine(centroid_t, centroid_it), rtol=1e-6)
-  np.testing.assert_allclose(metrics["distance/i-t"], np.linalg.norm(centroid_i - centroid_t),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics["distance/i-t"], np.linalg.norm(centroid_i - centroid_t), rtol=1e-6
+  )
 
 
 def test_modality_gap_evaluator_names_missing_inputs():
   run = lambda records, **kw: evals.get("modality_gap").evaluate(  # noqa: E731
-      _fake_predict, data=records, input_cfg=None, batches_fn=_fake_batches, **kw)
+      _fake_predict, data=records, input_cfg=None, batches_fn=_fake_batches, **kw
+  )
   with pytest.raises(KeyError, match="label"):
     run([{"id": "a", "image": b"0", "caption": "w1"}], text_field="label")
   with pytest.raises(ValueError, match="'image,text'"):
@@ -149,16 +175,33 @@ def test_modality_gap_evaluator_names_missing_inputs():
 # End to end: the table's init and GCL runs (the recipe's two stages) on the tiny world.
 
 # A one-layer model and small batches keep the two compiled train steps cheap.
-SMALL_RUN = {"input.batch_size": 16, "model.image.depth": 1, "model.text.depth": 1,
-             "model.joint.depth": 1, "model.embed_dim": 32, "evals.gap_train.max_records": 32}
+SMALL_RUN = {
+    "input.batch_size": 16,
+    "model.image.depth": 1,
+    "model.text.depth": 1,
+    "model.joint.depth": 1,
+    "model.embed_dim": 32,
+    "evals.gap_train.max_records": 32,
+}
 
 
 def test_table_run_shares_pretraining_and_reports_every_task(tmp_path):
   workdir = str(tmp_path / "table")
   markdown = gcl_table.run_table(
-      workdir, [0], variants=("init", "gcl"), data_dir=str(tmp_path / "data"), size="tiny",
-      world_name="tiny", steps=2, pretrain_steps=2, fusion="fusion", lr=1e-4, temperature=0.0,
-      drop_other_positive=False, overrides=SMALL_RUN)
+      workdir,
+      [0],
+      variants=("init", "gcl"),
+      data_dir=str(tmp_path / "data"),
+      size="tiny",
+      world_name="tiny",
+      steps=2,
+      pretrain_steps=2,
+      fusion="fusion",
+      lr=1e-4,
+      temperature=0.0,
+      drop_other_positive=False,
+      overrides=SMALL_RUN,
+  )
 
   # GCL fine-tuned init's checkpoint instead of pretraining again.
   link = os.path.join(workdir, "gcl", "seed0", gcl.PRETRAIN)

@@ -1,4 +1,5 @@
 """Importers: each format round-trips through a tfds ArrayRecord dataset; bad input is reported."""
+
 import io
 import json
 import os
@@ -15,7 +16,6 @@ from mmret.data import importers
 from mmret.data.importers import records
 from mmret.data.importers import schema
 from mmret.data.importers import writer
-
 
 # ----------------------------------------------------------------------------------------------
 # Fixture helpers: real encoded image files and dataset read-back.
@@ -91,10 +91,13 @@ def _coco_fixture(root, n_images=3, captions_per_image=6):
     pixels[str(image_id)] = _write_image(os.path.join(root, "val2017", file_name), i, fmt)
     images.append({"id": image_id, "file_name": file_name, "height": 6, "width": 8})
     for k in range(captions_per_image):
-      annotations.append({"id": 1000 + 10 * i + k, "image_id": image_id,
-                          "caption": f" image {i} caption {k} "})
-  _write_json(os.path.join(root, "annotations", "captions_val2017.json"),
-              {"info": {}, "images": images, "annotations": annotations})
+      annotations.append(
+          {"id": 1000 + 10 * i + k, "image_id": image_id, "caption": f" image {i} caption {k} "}
+      )
+  _write_json(
+      os.path.join(root, "annotations", "captions_val2017.json"),
+      {"info": {}, "images": images, "annotations": annotations},
+  )
   return pixels
 
 
@@ -118,7 +121,14 @@ def test_coco_round_trip(tmp_path):
   pairs = _read_split(out, "val2017")
   assert len(pairs) == 18
   assert _split_order(out, "val2017")[:7] == [
-      "1000", "1001", "1002", "1003", "1004", "1005", "1010"]  # source order
+      "1000",
+      "1001",
+      "1002",
+      "1003",
+      "1004",
+      "1005",
+      "1010",
+  ]  # source order
   assert pairs["1013"]["caption"] == "image 1 caption 3"  # stripped
   for record in pairs.values():
     image_id = str(100 + (int(record["id"]) - 1000) // 10)
@@ -136,8 +146,10 @@ def test_coco_round_trip(tmp_path):
   saved = _summary(out)
   assert saved["format"] == "coco" and saved["splits"]["val2017_caption5"]["written"] == 3
   # Each split's own fields are recorded for readers (tfds holds one feature set per dataset).
-  split_fields = {"val2017": ["caption", "id", "image"],
-                  "val2017_caption5": ["captions", "id", "image"]}
+  split_fields = {
+      "val2017": ["caption", "id", "image"],
+      "val2017_caption5": ["captions", "id", "image"],
+  }
   assert saved["split_fields"] == split_fields
   assert tfds.builder_from_directory(out).info.metadata["split_fields"] == split_fields
 
@@ -183,11 +195,17 @@ def _break_duplicate_id(root):
   return "duplicate_id", "1000"
 
 
-BREAKAGES = [_break_missing_image, _break_corrupt_image, _break_truncated_jpeg,
-             _break_empty_caption, _break_missing_field, _break_duplicate_id]
+BREAKAGES = [
+    _break_missing_image,
+    _break_corrupt_image,
+    _break_truncated_jpeg,
+    _break_empty_caption,
+    _break_missing_field,
+    _break_duplicate_id,
+]
 
 
-@pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__[len("_break_"):])
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__[len("_break_") :])
 def test_coco_bad_record_fail_mode_names_file_and_record(tmp_path, breakage):
   src, out = str(tmp_path / "coco"), str(tmp_path / "out")
   _coco_fixture(src)
@@ -203,12 +221,22 @@ def test_coco_bad_record_fail_mode_names_file_and_record(tmp_path, breakage):
 def test_coco_bad_records_skipped_and_counted(tmp_path):
   src, out = str(tmp_path / "coco"), str(tmp_path / "out")
   _coco_fixture(src, n_images=4)
-  for breakage in (_break_corrupt_image, _break_empty_caption, _break_missing_field,
-                   _break_duplicate_id):
+  for breakage in (
+      _break_corrupt_image,
+      _break_empty_caption,
+      _break_missing_field,
+      _break_duplicate_id,
+  ):
     breakage(src)
   # Image 103 keeps only 4 captions: too few for CAPTION5, still fine as 4 pairs.
-  _edit_coco(src, lambda c: c.update(annotations=[
-      a for a in c["annotations"] if not (a.get("image_id") == 103 and a["id"] % 10 > 3)]))
+  _edit_coco(
+      src,
+      lambda c: c.update(
+          annotations=[
+              a for a in c["annotations"] if not (a.get("image_id") == 103 and a["id"] % 10 > 3)
+          ]
+      ),
+  )
   summary = importers.import_dataset("coco", src, out, split="val2017")
 
   pairs = summary["splits"]["val2017"]
@@ -245,8 +273,9 @@ def test_schema_errors_always_fail(tmp_path):
   src = str(tmp_path / "coco")
   _coco_fixture(src, n_images=1)
   with pytest.raises(importers.SchemaError, match="captions_train2017.json"):
-    importers.import_dataset("coco", src, str(tmp_path / "o1"), split="train2017",
-                             images=os.path.join(src, "val2017"))
+    importers.import_dataset(
+        "coco", src, str(tmp_path / "o1"), split="train2017", images=os.path.join(src, "val2017")
+    )
   _write_json(_coco_file(src), [{"id": 1}])
   with pytest.raises(importers.SchemaError, match="top-level JSON must be a dict"):
     importers.import_dataset("coco", src, str(tmp_path / "o2"), split="val2017")
@@ -311,6 +340,7 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path, monkeypatch):
 
   # A failing re-import with overwrite leaves the old dataset intact.
   _edit_coco(src, lambda c: c["annotations"].append({"id": 5, "image_id": 100, "caption": "new"}))
+
   def broken_disk(*args):
     raise OSError("disk")
 
@@ -327,8 +357,9 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path, monkeypatch):
   (tmp_path / "not_a_dataset").mkdir()
   (tmp_path / "not_a_dataset" / "notes.txt").write_text("keep me")
   with pytest.raises(FileExistsError, match="holds no dataset"):
-    importers.import_dataset("coco", src, str(tmp_path / "not_a_dataset"), split="val2017",
-                             overwrite=True)
+    importers.import_dataset(
+        "coco", src, str(tmp_path / "not_a_dataset"), split="val2017", overwrite=True
+    )
   assert (tmp_path / "not_a_dataset" / "notes.txt").read_text() == "keep me"
 
 
@@ -339,16 +370,31 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path, monkeypatch):
 def test_karpathy_round_trip(tmp_path):
   root, out = str(tmp_path / "coco2014"), str(tmp_path / "out")
   entries, pixels = [], {}
-  layout = [("train", "train2014"), ("restval", "val2014"), ("val", "val2014"),
-            ("test", "val2014"), ("test", "val2014")]
+  layout = [
+      ("train", "train2014"),
+      ("restval", "val2014"),
+      ("val", "val2014"),
+      ("test", "val2014"),
+      ("test", "val2014"),
+  ]
   for i, (split, folder) in enumerate(layout):
     file_name = f"COCO_{folder}_{i:012d}.jpg" if i % 2 else f"COCO_{folder}_{i:012d}.png"
     fmt = "JPEG" if i % 2 else "PNG"
     pixels[str(i)] = _write_image(os.path.join(root, folder, file_name), i, fmt)
-    sentences = [{"raw": f"Photo {i} sentence {k}.", "tokens": [], "imgid": i, "sentid": 10 * i + k}
-                 for k in range(5)]
-    entries.append({"filepath": folder, "filename": file_name, "imgid": i, "split": split,
-                    "sentences": sentences, "cocoid": 500 + i})
+    sentences = [
+        {"raw": f"Photo {i} sentence {k}.", "tokens": [], "imgid": i, "sentid": 10 * i + k}
+        for k in range(5)
+    ]
+    entries.append(
+        {
+            "filepath": folder,
+            "filename": file_name,
+            "imgid": i,
+            "split": split,
+            "sentences": sentences,
+            "cocoid": 500 + i,
+        }
+    )
   entries[4]["sentences"][1]["raw"] = ""  # test image 4 has 4 usable captions only
   _write_json(os.path.join(root, "dataset_coco.json"), {"images": entries, "dataset": "coco"})
 
@@ -376,10 +422,22 @@ def test_karpathy_flickr_layout_and_missing_image(tmp_path):
   entries = []
   for i in range(2):
     _write_image(os.path.join(images, f"{i}.jpg"), i, "JPEG")
-    entries.append({"filename": f"{i}.jpg", "imgid": i, "split": "test",
-                    "sentences": [{"raw": f"s{k}", "sentid": 5 * i + k} for k in range(5)]})
-  entries.append({"filename": "2.jpg", "imgid": 2, "split": "test",
-                  "sentences": [{"raw": f"t{k}"} for k in range(5)]})
+    entries.append(
+        {
+            "filename": f"{i}.jpg",
+            "imgid": i,
+            "split": "test",
+            "sentences": [{"raw": f"s{k}", "sentid": 5 * i + k} for k in range(5)],
+        }
+    )
+  entries.append(
+      {
+          "filename": "2.jpg",
+          "imgid": 2,
+          "split": "test",
+          "sentences": [{"raw": f"t{k}"} for k in range(5)],
+      }
+  )
   annotations = str(tmp_path / "dataset_flickr30k.json")
   _write_json(annotations, {"images": entries})
   with pytest.raises(importers.SchemaError, match="dataset_"):
@@ -400,11 +458,19 @@ def test_lcs558k_round_trip_and_bad_records(tmp_path):
   for i in range(4):
     record_id = f"00453{i:04d}"
     path = f"00453/{record_id}.{'jpg' if i % 2 else 'png'}"
-    pixels[record_id] = _write_image(os.path.join(root, "images", path), i,
-                                     "JPEG" if i % 2 else "PNG")
-    entries.append({"id": record_id, "image": path, "conversations": [
-        {"from": "human", "value": "Give a brief description of the image.\n<image>"},
-        {"from": "gpt", "value": f"a photo number {i}"}]})
+    pixels[record_id] = _write_image(
+        os.path.join(root, "images", path), i, "JPEG" if i % 2 else "PNG"
+    )
+    entries.append(
+        {
+            "id": record_id,
+            "image": path,
+            "conversations": [
+                {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+                {"from": "gpt", "value": f"a photo number {i}"},
+            ],
+        }
+    )
   entries[3]["conversations"] = entries[3]["conversations"][:1]  # no caption
   entries.append({"image": "00453/004530000.png", "conversations": []})  # no id
   _write_json(os.path.join(root, "blip_laion_cc_sbu_558k.json"), entries)
@@ -437,39 +503,102 @@ def _mbeir_fixture(root):
     pixels[name] = _write_image(os.path.join(root, rel), seed, "JPEG" if seed % 2 else "PNG")
     return rel
 
-  _write_jsonl(os.path.join(root, "cand_pool/local/mbeir_mscoco_task0_test_cand_pool.jsonl"), [
-      {"txt": None, "img_path": image("coco/a.jpg", 1), "modality": "image", "did": "9:1",
-       "src_content": None},
-      {"txt": None, "img_path": image("coco/b.png", 2), "modality": "image", "did": "9:2"},
-      {"txt": None, "img_path": "mbeir_images/coco/missing.png", "modality": "image", "did": "9:3"},
-  ])
+  _write_jsonl(
+      os.path.join(root, "cand_pool/local/mbeir_mscoco_task0_test_cand_pool.jsonl"),
+      [
+          {
+              "txt": None,
+              "img_path": image("coco/a.jpg", 1),
+              "modality": "image",
+              "did": "9:1",
+              "src_content": None,
+          },
+          {"txt": None, "img_path": image("coco/b.png", 2), "modality": "image", "did": "9:2"},
+          {
+              "txt": None,
+              "img_path": "mbeir_images/coco/missing.png",
+              "modality": "image",
+              "did": "9:3",
+          },
+      ],
+  )
   # A full (non-test) pool that must not be used when the split-specific one exists.
-  _write_jsonl(os.path.join(root, "cand_pool/local/mbeir_mscoco_task0_cand_pool.jsonl"), [
-      {"txt": None, "img_path": "x.png", "modality": "image", "did": "9:99"}])
-  _write_jsonl(os.path.join(root, "cand_pool/local/mbeir_webqa_task2_cand_pool.jsonl"), [
-      {"txt": "A bridge.", "img_path": image("webqa/c.png", 4), "modality": "image,text",
-       "did": "2:1"},
-      {"txt": "A tower.", "img_path": image("webqa/d.jpg", 5), "modality": "image,text",
-       "did": "2:2"},
-      {"txt": "", "img_path": image("webqa/e.png", 6), "modality": "image,text", "did": "2:3"},
-      {"txt": "Duplicate id.", "img_path": None, "modality": "text", "did": "9:1"},
-  ])
-  _write_jsonl(os.path.join(root, "query/test/mbeir_mscoco_task0_test.jsonl"), [
-      {"qid": "9:10", "query_txt": "A cat on a mat.", "query_img_path": None,
-       "query_modality": "text", "query_src_content": None, "pos_cand_list": ["9:1"],
-       "neg_cand_list": [], "task_id": 0},
-      {"qid": "9:11", "query_txt": "A dog.", "query_img_path": None, "query_modality": "text",
-       "pos_cand_list": ["9:3"], "task_id": 0},  # its only positive has no image file
-      {"qid": "9:12", "query_txt": "Two cats.", "query_img_path": None, "query_modality": "text",
-       "pos_cand_list": ["9:2", "9:3"], "task_id": 0},  # keeps one of two positives
-  ])
-  _write_jsonl(os.path.join(root, "query/test/mbeir_webqa_task2_test.jsonl"), [
-      {"qid": "2:10", "query_txt": "Which bridge?", "query_img_path": None,
-       "query_modality": "text", "pos_cand_list": ["2:1"], "task_id": 2},
-      {"qid": "2:11", "query_txt": "Same tower?", "query_img_path": image("webqa/q.png", 7),
-       "query_modality": "image,text", "pos_cand_list": ["2:2"], "task_id": 2},
-      "{broken json",
-  ])
+  _write_jsonl(
+      os.path.join(root, "cand_pool/local/mbeir_mscoco_task0_cand_pool.jsonl"),
+      [{"txt": None, "img_path": "x.png", "modality": "image", "did": "9:99"}],
+  )
+  _write_jsonl(
+      os.path.join(root, "cand_pool/local/mbeir_webqa_task2_cand_pool.jsonl"),
+      [
+          {
+              "txt": "A bridge.",
+              "img_path": image("webqa/c.png", 4),
+              "modality": "image,text",
+              "did": "2:1",
+          },
+          {
+              "txt": "A tower.",
+              "img_path": image("webqa/d.jpg", 5),
+              "modality": "image,text",
+              "did": "2:2",
+          },
+          {"txt": "", "img_path": image("webqa/e.png", 6), "modality": "image,text", "did": "2:3"},
+          {"txt": "Duplicate id.", "img_path": None, "modality": "text", "did": "9:1"},
+      ],
+  )
+  _write_jsonl(
+      os.path.join(root, "query/test/mbeir_mscoco_task0_test.jsonl"),
+      [
+          {
+              "qid": "9:10",
+              "query_txt": "A cat on a mat.",
+              "query_img_path": None,
+              "query_modality": "text",
+              "query_src_content": None,
+              "pos_cand_list": ["9:1"],
+              "neg_cand_list": [],
+              "task_id": 0,
+          },
+          {
+              "qid": "9:11",
+              "query_txt": "A dog.",
+              "query_img_path": None,
+              "query_modality": "text",
+              "pos_cand_list": ["9:3"],
+              "task_id": 0,
+          },  # its only positive has no image file
+          {
+              "qid": "9:12",
+              "query_txt": "Two cats.",
+              "query_img_path": None,
+              "query_modality": "text",
+              "pos_cand_list": ["9:2", "9:3"],
+              "task_id": 0,
+          },  # keeps one of two positives
+      ],
+  )
+  _write_jsonl(
+      os.path.join(root, "query/test/mbeir_webqa_task2_test.jsonl"),
+      [
+          {
+              "qid": "2:10",
+              "query_txt": "Which bridge?",
+              "query_img_path": None,
+              "query_modality": "text",
+              "pos_cand_list": ["2:1"],
+              "task_id": 2,
+          },
+          {
+              "qid": "2:11",
+              "query_txt": "Same tower?",
+              "query_img_path": image("webqa/q.png", 7),
+              "query_modality": "image,text",
+              "pos_cand_list": ["2:2"],
+              "task_id": 2,
+          },
+          "{broken json",
+      ],
+  )
   # qrels override pos_cand_list where present: 2:10 -> 2:2 as well.
   os.makedirs(os.path.join(root, "qrels/test"))
   with open(os.path.join(root, "qrels/test/mbeir_webqa_task2_test_qrels.txt"), "w") as f:
@@ -477,8 +606,10 @@ def _mbeir_fixture(root):
   os.makedirs(os.path.join(root, "instructions"), exist_ok=True)
   with open(os.path.join(root, "instructions/query_instructions.tsv"), "w") as f:
     f.write("query_modality\tcand_modality\tdataset\tdataset_id\tprompt_1\tprompt_2\n")
-    f.write("text\timage\tMSCOCO\t9\tFind me an everyday image that matches the given caption.\t"
-            "Second prompt.\n")
+    f.write(
+        "text\timage\tMSCOCO\t9\tFind me an everyday image that matches the given caption.\t"
+        "Second prompt.\n"
+    )
     f.write("text\timage,text\tWebQA\t2\tFind a Wikipedia image that answers this question.\t\n")
   return pixels
 
@@ -502,7 +633,12 @@ def test_mbeir_round_trip(tmp_path):
   assert list(queries) == ["9:10", "9:12", "2:10", "2:11"]
   cat = queries["9:10"]
   assert (cat["text"], cat["modality"], cat["image"], cat["pool"], cat["task"]) == (
-      "A cat on a mat.", "text", b"", "mscoco_task0", "mscoco_task0")
+      "A cat on a mat.",
+      "text",
+      b"",
+      "mscoco_task0",
+      "mscoco_task0",
+  )
   assert cat["positive_ids"] == ["9:1"] and cat["candidate_ids"] == []
   assert cat["instruction"] == "Find me an everyday image that matches the given caption."
   assert cat["negative_id"] == "" and cat["negative_kind"] == ""
@@ -519,8 +655,9 @@ def test_mbeir_round_trip(tmp_path):
   assert query_problems["problems"]["invalid_json"]["examples"][0]["id"] == "line 3"
 
   only = str(tmp_path / "only")
-  importers.import_dataset("mbeir", root, only, tasks=("webqa_task2",), qrels=False,
-                           instructions=False)
+  importers.import_dataset(
+      "mbeir", root, only, tasks=("webqa_task2",), qrels=False, instructions=False
+  )
   queries = _read_split(only, "test_queries")
   assert queries["2:10"]["positive_ids"] == ["2:1"] and queries["2:10"]["instruction"] == ""
   with pytest.raises(importers.SchemaError, match="mscoco_task9"):
@@ -530,8 +667,9 @@ def test_mbeir_round_trip(tmp_path):
 def test_mbeir_fail_mode_names_pool_file_and_did(tmp_path):
   root = str(tmp_path / "M-BEIR")
   _mbeir_fixture(root)
-  with pytest.raises(importers.RecordError,
-                     match=r"mbeir_mscoco_task0_test_cand_pool.jsonl.*'9:3'"):
+  with pytest.raises(
+      importers.RecordError, match=r"mbeir_mscoco_task0_test_cand_pool.jsonl.*'9:3'"
+  ):
     importers.import_dataset("mbeir", root, str(tmp_path / "out"), on_error="fail")
 
 
@@ -544,30 +682,50 @@ def test_mmeb_round_trip(tmp_path):
   out = str(tmp_path / "out")
   pixels = {}
   for name, seed in [("VOC/q0.jpg", 1), ("VOC/q1.png", 2), ("T2I/c0.png", 3), ("T2I/c1.jpg", 4)]:
-    pixels[name] = _write_image(os.path.join(images, name), seed,
-                                "JPEG" if name.endswith("jpg") else "PNG")
+    pixels[name] = _write_image(
+        os.path.join(images, name), seed, "JPEG" if name.endswith("jpg") else "PNG"
+    )
   # Classification-style subset in parquet: image query, text targets shared across rows.
   labels = ["dog", "cat", "bird"]
-  table = pa.table({
-      "qry_text": ["<|image_1|>\nRepresent the given image for classification",
-                   "<|image_1|>\nRepresent the given image for classification"],
-      "qry_img_path": ["VOC/q0.jpg", "VOC/q1.png"],
-      "tgt_text": [labels, ["cat", "dog", "bird"]],
-      "tgt_img_path": [["", "", ""], ["", "", ""]],
-  })
+  table = pa.table(
+      {
+          "qry_text": [
+              "<|image_1|>\nRepresent the given image for classification",
+              "<|image_1|>\nRepresent the given image for classification",
+          ],
+          "qry_img_path": ["VOC/q0.jpg", "VOC/q1.png"],
+          "tgt_text": [labels, ["cat", "dog", "bird"]],
+          "tgt_img_path": [["", "", ""], ["", "", ""]],
+      }
+  )
   os.makedirs(os.path.join(root, "VOC2007"))
   pq.write_table(table, os.path.join(root, "VOC2007", "test-00000-of-00001.parquet"))
   # Text-to-image subset in JSONL, with a corrupt candidate image and a bad row.
   with open(os.path.join(images, "T2I/c2.png"), "wb") as f:
     f.write(b"broken")
-  _write_jsonl(os.path.join(root, "MSCOCO_t2i.jsonl"), [
-      {"qry_text": "Find me an everyday image that matches the given caption: a red bus.",
-       "qry_img_path": "", "tgt_text": ["<|image_1|>", "<|image_1|>", "<|image_1|>"],
-       "tgt_img_path": ["T2I/c0.png", "T2I/c1.jpg", "T2I/c2.png"]},
-      {"qry_text": "a green car", "qry_img_path": "", "tgt_text": ["<|image_1|>", "<|image_1|>"],
-       "tgt_img_path": ["T2I/c2.png", "T2I/c0.png"]},  # its correct target is corrupt
-      {"qry_text": "no targets", "qry_img_path": "", "tgt_text": ["a"], "tgt_img_path": ["x", "y"]},
-  ])
+  _write_jsonl(
+      os.path.join(root, "MSCOCO_t2i.jsonl"),
+      [
+          {
+              "qry_text": "Find me an everyday image that matches the given caption: a red bus.",
+              "qry_img_path": "",
+              "tgt_text": ["<|image_1|>", "<|image_1|>", "<|image_1|>"],
+              "tgt_img_path": ["T2I/c0.png", "T2I/c1.jpg", "T2I/c2.png"],
+          },
+          {
+              "qry_text": "a green car",
+              "qry_img_path": "",
+              "tgt_text": ["<|image_1|>", "<|image_1|>"],
+              "tgt_img_path": ["T2I/c2.png", "T2I/c0.png"],
+          },  # its correct target is corrupt
+          {
+              "qry_text": "no targets",
+              "qry_img_path": "",
+              "tgt_text": ["a"],
+              "tgt_img_path": ["x", "y"],
+          },
+      ],
+  )
 
   summary = importers.import_dataset("mmeb", root, out, images=images)
   candidates = _read_split(out, "test_candidates")
@@ -589,10 +747,12 @@ def test_mmeb_round_trip(tmp_path):
   bus = queries["MSCOCO_t2i:q0"]
   assert bus["modality"] == "text" and bus["image"] == b""
   assert len(bus["candidate_ids"]) == 2  # the corrupt third target was dropped
-  np.testing.assert_array_equal(_pixels(candidates[bus["positive_ids"][0]]["image"]),
-                                pixels["T2I/c0.png"])
-  np.testing.assert_array_equal(_pixels(candidates[bus["candidate_ids"][1]]["image"]),
-                                pixels["T2I/c1.jpg"])
+  np.testing.assert_array_equal(
+      _pixels(candidates[bus["positive_ids"][0]]["image"]), pixels["T2I/c0.png"]
+  )
+  np.testing.assert_array_equal(
+      _pixels(candidates[bus["candidate_ids"][1]]["image"]), pixels["T2I/c1.jpg"]
+  )
   problems = summary["splits"]["test_queries"]["problems"]
   assert problems["positive_not_in_pool"]["examples"][0]["id"] == "MSCOCO_t2i:q1"
   assert problems["bad_field"]["examples"][0]["id"] == "MSCOCO_t2i:q2"
@@ -630,13 +790,28 @@ def test_cli(tmp_path, capsys):
 
 def test_feature_schemas_merge_and_blank():
   merged = schema.merge_features(schema.queries_features(), schema.candidates_features())
-  assert set(merged) == {"id", "image", "text", "modality", "pool", "task", "instruction",
-                         "positive_ids", "candidate_ids", "negative_id", "negative_kind"}
-  blank = schema.blank_example(schema.merge_features(schema.pairs_features(with_ground_truth=True),
-                                                     schema.caption5_features()))
+  assert set(merged) == {
+      "id",
+      "image",
+      "text",
+      "modality",
+      "pool",
+      "task",
+      "instruction",
+      "positive_ids",
+      "candidate_ids",
+      "negative_id",
+      "negative_kind",
+  }
+  blank = schema.blank_example(
+      schema.merge_features(
+          schema.pairs_features(with_ground_truth=True), schema.caption5_features()
+      )
+  )
   assert blank["image"] == b"" and blank["captions"] == [] and blank["caption"] == ""
   assert blank["image_labels"].shape == (0, 0) and blank["image_labels"].dtype == np.uint8
   assert blank["caption_tags"].dtype == np.int32
   with pytest.raises(ValueError, match="'caption'"):
-    schema.merge_features(schema.pairs_features(), {"caption": tfds.features.Tensor(
-        shape=(None,), dtype=np.int32)})
+    schema.merge_features(
+        schema.pairs_features(), {"caption": tfds.features.Tensor(shape=(None,), dtype=np.int32)}
+    )

@@ -1,4 +1,5 @@
 """GCL, pairwise and CL losses: numpy references; sharded == single-device, forward and gradient."""
+
 import functools
 import itertools
 
@@ -117,18 +118,24 @@ def _sharded_equals_single(loss_fn, n_per_device=2, d=6, **hparams):
     return jax.lax.pmean(loss, "d"), jax.lax.pmean(grad, "d")
 
   mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("d")),
-                                 out_specs=(P(), P()), check_vma=False))
+  mapped = jax.jit(
+      jax.shard_map(
+          per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P()), check_vma=False
+      )
+  )
   sharded_loss, sharded_grad = jax.block_until_ready(mapped(weights, inputs))
   np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
   for k in KEYS:
     np.testing.assert_allclose(sharded_grad[k], single_grad[k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name,hparams", [
-    ("gcl", {"temperature": 0.1}),
-    ("gcl", {"temperature": 0.1, "drop_other_positive": True}),
-    ("pairwise", {"temperature": 0.1}),
-])
+@pytest.mark.parametrize(
+    "name,hparams",
+    [
+        ("gcl", {"temperature": 0.1}),
+        ("gcl", {"temperature": 0.1, "drop_other_positive": True}),
+        ("pairwise", {"temperature": 0.1}),
+    ],
+)
 def test_sharded_equals_single_device(name, hparams):
   _sharded_equals_single(losses.get(name), **hparams)

@@ -1,4 +1,5 @@
 """SelfAlign pieces vs numpy references; Sinkhorn marginals; sharded == single-device."""
+
 import functools
 
 import jax
@@ -22,7 +23,7 @@ def _features(n=4, n_regions=5, n_words=6, d=8, k=7, seed=0):
   rng = np.random.default_rng(seed)
   text_mask = np.ones((n, n_words), bool)
   for b in range(n):
-    text_mask[b, rng.integers(2, n_words + 1):] = False  # at least two real words
+    text_mask[b, rng.integers(2, n_words + 1) :] = False  # at least two real words
   return {
       "z_image": _normalize(rng.normal(size=(n, d))).astype(np.float32),
       "z_text": _normalize(rng.normal(size=(n, d))).astype(np.float32),
@@ -84,8 +85,16 @@ def _context_nce_reference(g, locals_, mask, temperature, num_negatives):
   n = len(g)
   anchor_losses = []
   for i in range(n):
-    negatives = sorted((g[i] @ locals_[j, t] / temperature for j in range(n) if j != i
-                        for t in range(locals_.shape[1]) if mask[j, t]), reverse=True)
+    negatives = sorted(
+        (
+            g[i] @ locals_[j, t] / temperature
+            for j in range(n)
+            if j != i
+            for t in range(locals_.shape[1])
+            if mask[j, t]
+        ),
+        reverse=True,
+    )
     negatives = np.array(negatives[:num_negatives])
     terms = []
     for t in range(locals_.shape[1]):
@@ -115,8 +124,9 @@ def _context_vector_reference(g, locals_, mask, temperature):
 def test_vsepp_matches_reference(max_violation):
   f = _features(n=5)
   loss, metrics = selfalign.vsepp_loss(f, {}, max_violation=max_violation)
-  np.testing.assert_allclose(loss, _vsepp_reference(f["z_image"], f["z_text"], 0.2, max_violation),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      loss, _vsepp_reference(f["z_image"], f["z_text"], 0.2, max_violation), rtol=1e-5
+  )
   np.testing.assert_allclose(metrics["loss_i2t"] + metrics["loss_t2i"], loss, rtol=1e-6)
 
 
@@ -149,19 +159,27 @@ def test_sinkhorn_has_no_gradient():
 
 def test_concept_loss_matches_reference():
   f = _features(seed=2)
-  loss = selfalign.concept_alignment_loss(f["image_tokens"], f["text_tokens"], f["text_mask"],
-                                          f["prototypes"], epsilon=0.05, sinkhorn_iterations=3,
-                                          temperature=0.1)
+  loss = selfalign.concept_alignment_loss(
+      f["image_tokens"],
+      f["text_tokens"],
+      f["text_mask"],
+      f["prototypes"],
+      epsilon=0.05,
+      sinkhorn_iterations=3,
+      temperature=0.1,
+  )
   np.testing.assert_allclose(loss, _concept_reference(f, 0.05, 3, 0.1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("num_negatives", [512, 3])
 def test_context_nce_matches_reference(num_negatives):
   f = _features(seed=3)
-  loss = selfalign.context_nce(f["z_image"], f["text_tokens"], f["text_mask"], temperature=0.7,
-                               num_negatives=num_negatives)
-  expected = _context_nce_reference(f["z_image"], f["text_tokens"], f["text_mask"], 0.7,
-                                    num_negatives)
+  loss = selfalign.context_nce(
+      f["z_image"], f["text_tokens"], f["text_mask"], temperature=0.7, num_negatives=num_negatives
+  )
+  expected = _context_nce_reference(
+      f["z_image"], f["text_tokens"], f["text_mask"], 0.7, num_negatives
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
@@ -177,15 +195,19 @@ def test_context_nce_ignores_padding_content():
 def test_context_vector_matches_reference():
   f = _features(seed=5)
   got = selfalign.context_vector(f["z_text"], f["text_tokens"], f["text_mask"], temperature=0.1)
-  np.testing.assert_allclose(got, _context_vector_reference(f["z_text"], f["text_tokens"],
-                                                            f["text_mask"], 0.1), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      got,
+      _context_vector_reference(f["z_text"], f["text_tokens"], f["text_mask"], 0.1),
+      rtol=1e-4,
+      atol=1e-6,
+  )
 
 
 def test_retrieval_vectors_reproduce_final_similarity():
   f = _features(n=6, seed=6)
-  similarity = selfalign.selfalign_similarity(f["z_image"], f["image_tokens"], f["z_text"],
-                                              f["text_tokens"], f["text_mask"])
+  similarity = selfalign.selfalign_similarity(
+      f["z_image"], f["image_tokens"], f["z_text"], f["text_tokens"], f["text_mask"]
+  )
   image_side = selfalign.image_retrieval_vector(f["z_image"], f["image_tokens"])
   text_side = selfalign.text_retrieval_vector(f["z_text"], f["text_tokens"], f["text_mask"])
   np.testing.assert_allclose(image_side @ text_side.T, similarity, rtol=1e-5, atol=1e-6)
@@ -196,8 +218,7 @@ def test_retrieval_vectors_reproduce_final_similarity():
     for t in range(6):
       mean_i = _normalize(_normalize(np.float64(f["image_tokens"][i])).mean(0))
       mean_t = _normalize(_normalize(np.float64(f["text_tokens"][t][f["text_mask"][t]])).mean(0))
-      expected = (f["z_image"][i] @ f["z_text"][t]
-                  + 0.5 * (ctx_i[i] @ mean_t + mean_i @ ctx_t[t]))
+      expected = f["z_image"][i] @ f["z_text"][t] + 0.5 * (ctx_i[i] @ mean_t + mean_i @ ctx_t[t])
       np.testing.assert_allclose(similarity[i, t], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -205,8 +226,10 @@ def test_selfalign_loss_is_weighted_sum_and_needs_prototypes():
   f = _features(seed=7)
   loss, metrics = losses.get("selfalign")(f, {}, concept_weight=0.5, context_weight=2.0)
   np.testing.assert_allclose(
-      loss, metrics["loss_vsepp"] + 0.5 * metrics["loss_concept"] + 2.0 * metrics["loss_context"],
-      rtol=1e-6)
+      loss,
+      metrics["loss_vsepp"] + 0.5 * metrics["loss_concept"] + 2.0 * metrics["loss_context"],
+      rtol=1e-6,
+  )
   without = {k: v for k, v in f.items() if k != "prototypes"}
   with pytest.raises(KeyError, match="prototypes"):
     selfalign.selfalign_loss(without, {})
@@ -223,8 +246,11 @@ def _sharded_equals_single(loss_fn, features, rtol=1e-5, atol=1e-7):
     return jax.lax.pmean(loss, "d"), jax.lax.pmean(grad, "d")
 
   mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("d")),
-                                 out_specs=(P(), P()), check_vma=False))
+  mapped = jax.jit(
+      jax.shard_map(
+          per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P()), check_vma=False
+      )
+  )
   sharded_loss, sharded_grad = jax.block_until_ready(mapped(params, features))
   np.testing.assert_allclose(sharded_loss, single_loss, rtol=rtol)
   for k in params:
@@ -254,9 +280,15 @@ def test_sharded_context_loss_equals_single_device():
 
   def loss_fn(params, x, axis_name=None):
     x = _scaled(params, x)
-    return selfalign.context_alignment_loss(x["z_image"], x["z_text"], x["image_tokens"],
-                                            x["text_tokens"], x["text_mask"],
-                                            num_negatives=num_negatives, axis_name=axis_name)
+    return selfalign.context_alignment_loss(
+        x["z_image"],
+        x["z_text"],
+        x["image_tokens"],
+        x["text_tokens"],
+        x["text_mask"],
+        num_negatives=num_negatives,
+        axis_name=axis_name,
+    )
 
   _sharded_equals_single(loss_fn, f)
 
@@ -267,7 +299,8 @@ def test_sharded_concept_loss_equals_single_device():
 
   def loss_fn(params, x, axis_name=None):
     x = _scaled(params, x)
-    return selfalign.concept_alignment_loss(x["image_tokens"], x["text_tokens"], x["text_mask"],
-                                            prototypes, axis_name=axis_name)
+    return selfalign.concept_alignment_loss(
+        x["image_tokens"], x["text_tokens"], x["text_mask"], prototypes, axis_name=axis_name
+    )
 
   _sharded_equals_single(loss_fn, f)

@@ -1,4 +1,5 @@
 """Retrieval metrics against plain brute-force definitions on small hand-made cases."""
+
 import numpy as np
 import pytest
 
@@ -53,8 +54,9 @@ def test_query_without_positive_is_named():
 
 def test_positive_outside_pool_is_named():
   with pytest.raises(ValueError, match="query 'b'.*outside the pool of 3"):
-    metrics.first_positive_rank(np.zeros((2, 3), int), [[1], [5]], query_ids=["a", "b"],
-                                num_candidates=3)
+    metrics.first_positive_rank(
+        np.zeros((2, 3), int), [[1], [5]], query_ids=["a", "b"], num_candidates=3
+    )
 
 
 def test_image_text_recall_brute_force():
@@ -68,22 +70,28 @@ def test_image_text_recall_brute_force():
   got = metrics.image_text_recall(i2t, t2i, caption_image)
   for k in (1, 5, 10):
     # i->t: rank of an image = best rank among its captions.
-    expected_i2t = _brute_recall(scores, [np.flatnonzero(caption_image == i)
-                                          for i in range(num_images)], k)
+    expected_i2t = _brute_recall(
+        scores, [np.flatnonzero(caption_image == i) for i in range(num_images)], k
+    )
     expected_t2i = _brute_recall(scores.T, [[i] for i in caption_image], k)
     assert got[f"i2t/recall@{k}"] == pytest.approx(expected_i2t)
     assert got[f"t2i/recall@{k}"] == pytest.approx(expected_t2i)
   assert got["i2t/recall@1"] >= 100 * 2 / 6 - 1e-9
-  assert got["rsum"] == pytest.approx(sum(got[f"{d}/recall@{k}"] for d in ("i2t", "t2i")
-                                          for k in (1, 5, 10)))
+  assert got["rsum"] == pytest.approx(
+      sum(got[f"{d}/recall@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+  )
 
 
 def test_mm2mm_metrics_hand_case():
   # 4 anchors; ranked pools of 10 (positive at ranks 1, 3, 7 and absent).
-  ranked = np.array([[5, 0, 1, 2, 3, 4, 6, 7, 8, 9],
-                     [0, 1, 5, 2, 3, 4, 6, 7, 8, 9],
-                     [0, 1, 2, 3, 4, 6, 5, 7, 8, 9],
-                     [0, 1, 2, 3, 4, 6, 7, 8, 9, 1]])
+  ranked = np.array(
+      [
+          [5, 0, 1, 2, 3, 4, 6, 7, 8, 9],
+          [0, 1, 5, 2, 3, 4, 6, 7, 8, 9],
+          [0, 1, 2, 3, 4, 6, 5, 7, 8, 9],
+          [0, 1, 2, 3, 4, 6, 7, 8, 9, 1],
+      ]
+  )
   positives = [[5], [5], [5], [5]]
   positive_scores = np.array([0.9, 0.5, 0.5, 0.2])
   negative_scores = np.array([0.1, 0.5, 0.7, np.nan])  # a tie is a miss; no negative is skipped
@@ -99,7 +107,7 @@ def test_mm2mm_metrics_hand_case():
 
 
 def test_own_list_hit_at_1_counts_ties_as_misses():
-  scores = [np.array([0.9, 0.1, 0.3]), np.array([0.5, 0.5]), np.array([0.2, 0.8]), np.array([1.])]
+  scores = [np.array([0.9, 0.1, 0.3]), np.array([0.5, 0.5]), np.array([0.2, 0.8]), np.array([1.0])]
   np.testing.assert_array_equal(metrics.own_list_hit_at_1(scores), [True, False, False, True])
   with pytest.raises(ValueError, match="query 'x' has an empty candidate list"):
     metrics.own_list_hit_at_1([np.array([])], query_ids=["x"])

@@ -10,6 +10,7 @@ def test_crc32c_known_vector():
 
 def _parse_scalars(event: bytes):
   """Minimal protobuf reader for Event{step=2, summary=5{value=1{tag=1, simple_value=2}}}."""
+
   def fields(buf):
     i = 0
     while i < len(buf):
@@ -18,12 +19,12 @@ def _parse_scalars(event: bytes):
       if wire == 0:
         value, i = _varint(buf, i)
       elif wire == 1:
-        value, i = buf[i:i + 8], i + 8
+        value, i = buf[i : i + 8], i + 8
       elif wire == 5:
-        value, i = buf[i:i + 4], i + 4
+        value, i = buf[i : i + 4], i + 4
       else:
         length, i = _varint(buf, i)
-        value, i = buf[i:i + length], i + length
+        value, i = buf[i : i + length], i + length
       yield number, value
 
   def _varint(buf, i):

@@ -1,4 +1,5 @@
 """Multi-host: 2 processes x 4 CPU devices (gloo collectives) train like 1 process x 8 devices."""
+
 import json
 import os
 import subprocess
@@ -12,9 +13,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _command(workdir, data_dir, mapping):
-  return [sys.executable, "-m", "mmret.main", "--config=configs/clip.py:steps=3,evals=false",
-          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
-          "--config.input.batch_size=16", "--config.log_every=1", f"--config.mapping={mapping}"]
+  return [
+      sys.executable,
+      "-m",
+      "mmret.main",
+      "--config=configs/clip.py:steps=3,evals=false",
+      f"--workdir={workdir}",
+      f"--config.input.data_dir={data_dir}",
+      "--config.input.batch_size=16",
+      "--config.log_every=1",
+      f"--config.mapping={mapping}",
+  ]
 
 
 def _losses(workdir):
@@ -22,8 +31,9 @@ def _losses(workdir):
 
 
 def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(
+      os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
   return env
 
 
@@ -32,14 +42,29 @@ def test_two_processes_match_one(tmp_path):
   sources.load_builder("mmret_world/tiny", data_dir)  # prepared once, read by every process
   for mapping in ("pmap", "shard_map"):
     single = str(tmp_path / f"single_{mapping}")
-    subprocess.run(_command(single, data_dir, mapping), cwd=REPO, env=_env(8), check=True,
-                   timeout=600, capture_output=True)
+    subprocess.run(
+        _command(single, data_dir, mapping),
+        cwd=REPO,
+        env=_env(8),
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
     multi = str(tmp_path / f"multi_{mapping}")
     launcher = [os.path.join(REPO, "launch", "local.sh"), "2", "4", "--"]
-    result = subprocess.run(launcher + _command(multi, data_dir, mapping), cwd=REPO,
-                            env=dict(os.environ), timeout=600, capture_output=True, text=True)
-    logs = "".join(open(os.path.join(multi, f"proc{i}.log")).read()[-3000:] for i in range(2)
-                   if os.path.exists(os.path.join(multi, f"proc{i}.log")))
+    result = subprocess.run(
+        launcher + _command(multi, data_dir, mapping),
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    logs = "".join(
+        open(os.path.join(multi, f"proc{i}.log")).read()[-3000:]
+        for i in range(2)
+        if os.path.exists(os.path.join(multi, f"proc{i}.log"))
+    )
     assert result.returncode == 0, result.stderr + logs
     assert "JAX process 1/2, 4 local / 8 global devices" in logs
     # Same global batch (each process feeds its half), same collectives: same losses.

@@ -4,6 +4,7 @@ Fixture images encode their record index in pixel (0, 0) and draw intersection o
 and image-only objects green, so batches can be traced back to records and labels checked
 against pixels.
 """
+
 import io
 import json
 
@@ -17,20 +18,20 @@ from mmret.data import pipeline, sources
 IMAGE_SIZE = 16
 NUM_RECORDS = 24
 NUM_PLAIN_RECORDS = 10
-VOCAB = ['a', 'red', 'green', 'square', 'at', 'dawn', 'near', 'the', 'river', 'and']
+VOCAB = ["a", "red", "green", "square", "at", "dawn", "near", "the", "river", "and"]
 LABEL_COLOURS = {1: (255, 0, 0), 2: (0, 255, 0)}
-CORRUPT_ID = 'bad-2'
+CORRUPT_ID = "bad-2"
 
 
 def _png(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, 'PNG')
+  Image.fromarray(array).save(buffer, "PNG")
   return buffer.getvalue()
 
 
 def _jpeg(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, 'JPEG', quality=95)
+  Image.fromarray(array).save(buffer, "JPEG", quality=95)
   return buffer.getvalue()
 
 
@@ -41,88 +42,107 @@ def _world_like_record(index: int) -> dict:
   for label in (1, 2):
     top, left = rng.integers(1, IMAGE_SIZE - 6, size=2)
     height, width = rng.integers(4, 7, size=2)
-    labels[top:top + height, left:left + width] = label
+    labels[top : top + height, left : left + width] = label
   image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
   for label, colour in LABEL_COLOURS.items():
     image[labels == label] = colour
   labels[0, 0] = 0
   image[0, 0] = (0, 0, 4 * index + 4)  # the record's marker
-  words = ['a', 'red', 'square'] + [VOCAB[int(i)] for i in rng.integers(3, 10, size=index % 5)]
+  words = ["a", "red", "square"] + [VOCAB[int(i)] for i in rng.integers(3, 10, size=index % 5)]
   tags = [0, 1, 1] + [2] * (len(words) - 3)
-  return {'id': f'rec-{index}', 'image': _png(image), 'caption': ' '.join(words),
-          'caption_tags': np.asarray(tags, np.int32), 'image_labels': labels}
+  return {
+      "id": f"rec-{index}",
+      "image": _png(image),
+      "caption": " ".join(words),
+      "caption_tags": np.asarray(tags, np.int32),
+      "image_labels": labels,
+  }
 
 
 class MmretPipelineFixture(tfds.core.GeneratorBasedBuilder):
   """PAIRS schema with ground truth; split 'corrupt' holds one undecodable image."""
-  VERSION = tfds.core.Version('1.0.0')
+
+  VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self,
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'image': tfds.features.Scalar(dtype=np.object_),
-            'caption': tfds.features.Text(),
-            'caption_tags': tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            'image_labels': tfds.features.Tensor(shape=(None, None), dtype=np.uint8,
-                                                 encoding='zlib'),
-        }),
-        metadata=tfds.core.MetadataDict(vocab=VOCAB))
+        features=tfds.features.FeaturesDict(
+            {
+                "id": tfds.features.Text(),
+                "image": tfds.features.Scalar(dtype=np.object_),
+                "caption": tfds.features.Text(),
+                "caption_tags": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "image_labels": tfds.features.Tensor(
+                    shape=(None, None), dtype=np.uint8, encoding="zlib"
+                ),
+            }
+        ),
+        metadata=tfds.core.MetadataDict(vocab=VOCAB),
+    )
 
   def _split_generators(self, dl_manager):
-    return {'train': self._generate_examples(NUM_RECORDS, corrupt=False),
-            'corrupt': self._generate_examples(4, corrupt=True)}
+    return {
+        "train": self._generate_examples(NUM_RECORDS, corrupt=False),
+        "corrupt": self._generate_examples(4, corrupt=True),
+    }
 
   def _generate_examples(self, count, corrupt):
     for index in range(count):
       record = _world_like_record(index)
       if corrupt:
-        record['id'] = f'bad-{index}' if index == 2 else f'ok-{index}'
+        record["id"] = f"bad-{index}" if index == 2 else f"ok-{index}"
         if index == 2:
-          record['image'] = record['image'][:40]  # a truncated PNG
-      yield record['id'], record
+          record["image"] = record["image"][:40]  # a truncated PNG
+      yield record["id"], record
 
 
 class MmretPipelinePlainFixture(tfds.core.GeneratorBasedBuilder):
   """PAIRS schema without ground truth, JPEG images on a white background."""
-  VERSION = tfds.core.Version('1.0.0')
+
+  VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self,
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'image': tfds.features.Scalar(dtype=np.object_),
-            'caption': tfds.features.Text(),
-        }))
+        features=tfds.features.FeaturesDict(
+            {
+                "id": tfds.features.Text(),
+                "image": tfds.features.Scalar(dtype=np.object_),
+                "caption": tfds.features.Text(),
+            }
+        ),
+    )
 
   def _split_generators(self, dl_manager):
-    return {'train': self._generate_examples()}
+    return {"train": self._generate_examples()}
 
   def _generate_examples(self):
     for index in range(NUM_PLAIN_RECORDS):
       image = np.full((IMAGE_SIZE + 4, IMAGE_SIZE, 3), 255, np.uint8)
-      yield f'plain-{index}', {'id': f'plain-{index}', 'image': _jpeg(image),
-                               'caption': 'the river at dawn'}
+      yield f"plain-{index}", {
+          "id": f"plain-{index}",
+          "image": _jpeg(image),
+          "caption": "the river at dawn",
+      }
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
   paths = {}
-  for name, cls in (('world_like', MmretPipelineFixture), ('plain', MmretPipelinePlainFixture)):
-    builder = cls(data_dir=data_dir, file_format='array_record')
+  for name, cls in (("world_like", MmretPipelineFixture), ("plain", MmretPipelinePlainFixture)):
+    builder = cls(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     paths[name] = str(builder.data_dir)
-  paths['data_dir'] = data_dir
+  paths["data_dir"] = data_dir
   return paths
 
 
 def _cfg(data, *, train=None, **overrides):
   cfg = pipeline.default_input_config()
-  cfg.data_dir = data['data_dir']
-  cfg.train = train or [{'dataset': data['world_like'], 'split': 'train', 'weight': 1.0}]
+  cfg.data_dir = data["data_dir"]
+  cfg.train = train or [{"dataset": data["world_like"], "split": "train", "weight": 1.0}]
   cfg.batch_size = 8
   cfg.image_size = IMAGE_SIZE
   cfg.max_text_len = 8
@@ -141,7 +161,7 @@ def _pixels(cfg, image):
 
 
 def _record_indices(cfg, batch):
-  return ((_pixels(cfg, batch['image'])[:, 0, 0, 2] - 4) // 4).tolist()
+  return ((_pixels(cfg, batch["image"])[:, 0, 0, 2] - 4) // 4).tolist()
 
 
 def _take(iterator, count):
@@ -161,19 +181,22 @@ def test_batches_have_static_shapes_and_ground_truth(data):
   iterator = pipeline.make_train_iterator(cfg, seed=0)
   for batch in _take(iterator, 4):  # crosses an epoch boundary (24 records, 8 per batch)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        'image': ((8, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
-        'text_ids': ((8, 8), np.int32), 'text_mask': ((8, 8), bool),
-        'text_intersection': ((8, 8), np.int32),
-        'image_labels': ((8, IMAGE_SIZE, IMAGE_SIZE), np.uint8)}
+        "image": ((8, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+        "text_ids": ((8, 8), np.int32),
+        "text_mask": ((8, 8), bool),
+        "text_intersection": ((8, 8), np.int32),
+        "image_labels": ((8, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
+    }
     # Records were written with "a red square ..." tagged 0 1 1 2 ...: start token, then tags.
-    assert (batch['text_intersection'][:, :4] == [0, 0, 1, 1]).all()
-    assert (batch['text_intersection'][~batch['text_mask']] == 0).all()
+    assert (batch["text_intersection"][:, :4] == [0, 0, 1, 1]).all()
+    assert (batch["text_intersection"][~batch["text_mask"]] == 0).all()
     tokenizer = pipeline.tokenizer_for(cfg)
     assert tokenizer is pipeline.tokenizer_for(cfg)  # built once per spec
-    assert (batch['text_ids'][:, 2] == tokenizer.id_of['red']).all()
+    assert (batch["text_ids"][:, 2] == tokenizer.id_of["red"]).all()
     for row, index in enumerate(_record_indices(cfg, batch)):
-      np.testing.assert_array_equal(batch['image_labels'][row],
-                                    _world_like_record(index)['image_labels'])
+      np.testing.assert_array_equal(
+          batch["image_labels"][row], _world_like_record(index)["image_labels"]
+      )
 
 
 def test_first_epoch_is_a_permutation_and_epochs_differ(data):
@@ -186,12 +209,15 @@ def test_first_epoch_is_a_permutation_and_epochs_differ(data):
 
 
 def test_same_seed_same_stream_and_resume_from_state(data):
-  cfg = _cfg(data, augment={'crop_scale': (0.5, 1.0), 'flip': True})
-  _assert_same_batches(_take(pipeline.make_train_iterator(cfg, seed=1), 3),
-                       _take(pipeline.make_train_iterator(cfg, seed=1), 3))
+  cfg = _cfg(data, augment={"crop_scale": (0.5, 1.0), "flip": True})
+  _assert_same_batches(
+      _take(pipeline.make_train_iterator(cfg, seed=1), 3),
+      _take(pipeline.make_train_iterator(cfg, seed=1), 3),
+  )
   other_seed = _take(pipeline.make_train_iterator(cfg, seed=2), 1)[0]
-  assert (other_seed['image'] != _take(pipeline.make_train_iterator(cfg, seed=1), 1)[0]['image']
-          ).any()
+  assert (
+      other_seed["image"] != _take(pipeline.make_train_iterator(cfg, seed=1), 1)[0]["image"]
+  ).any()
 
   iterator = pipeline.make_train_iterator(cfg, seed=1)
   _take(iterator, 2)
@@ -204,9 +230,15 @@ def test_same_seed_same_stream_and_resume_from_state(data):
 
 
 def _shards(cfg, seed, steps, process_count=2):
-  return [_take(pipeline.make_train_iterator(cfg, seed=seed, process_index=p,
-                                             process_count=process_count), steps)
-          for p in range(process_count)]
+  return [
+      _take(
+          pipeline.make_train_iterator(
+              cfg, seed=seed, process_index=p, process_count=process_count
+          ),
+          steps,
+      )
+      for p in range(process_count)
+  ]
 
 
 def test_process_shards_are_disjoint_and_cover_the_data(data):
@@ -215,7 +247,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(data):
   shards = _shards(cfg, seed=5, steps=3)
   for step, global_batch in enumerate(global_batches):
     parts = [shard[step] for shard in shards]
-    assert parts[0]['image'].shape[0] == 4
+    assert parts[0]["image"].shape[0] == 4
     ids = [set(_record_indices(cfg, part)) for part in parts]
     assert not ids[0] & ids[1]
     assert ids[0] | ids[1] == set(_record_indices(cfg, global_batch))
@@ -224,7 +256,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(data):
 
 
 def test_process_shards_rebuild_the_augmented_global_batch(data):
-  cfg = _cfg(data, augment={'crop_scale': (0.5, 1.0), 'flip': True})
+  cfg = _cfg(data, augment={"crop_scale": (0.5, 1.0), "flip": True})
   global_batches = _take(pipeline.make_train_iterator(cfg, seed=5), 2)
   shards = _shards(cfg, seed=5, steps=2)
   for step, global_batch in enumerate(global_batches):
@@ -235,23 +267,25 @@ def test_process_shards_rebuild_the_augmented_global_batch(data):
 
 
 def test_sources_are_mixed_by_weight(data):
-  train = [{'dataset': data['world_like'], 'split': 'train', 'weight': 3.0},
-           {'dataset': data['plain'], 'split': 'train', 'weight': 1.0}]
+  train = [
+      {"dataset": data["world_like"], "split": "train", "weight": 3.0},
+      {"dataset": data["plain"], "split": "train", "weight": 1.0},
+  ]
   cfg = _cfg(data, train=train)
   batches = _take(pipeline.make_train_iterator(cfg, seed=0), 20)
   # Ground truth is dropped when one source lacks it: keys stay fixed along the stream.
-  assert set(batches[0]) == {'image', 'text_ids', 'text_mask'}
+  assert set(batches[0]) == {"image", "text_ids", "text_mask"}
   # The plain source has white backgrounds.
-  from_plain = np.concatenate([_pixels(cfg, b['image'])[:, 8, 0].mean(-1) > 200 for b in batches])
+  from_plain = np.concatenate([_pixels(cfg, b["image"])[:, 8, 0].mean(-1) > 200 for b in batches])
   assert from_plain.size == 160
   assert abs(from_plain.mean() - 0.25) < 0.03
 
 
 def test_augmentation_keeps_labels_on_their_pixels(data):
-  cfg = _cfg(data, image_size=24, augment={'crop_scale': (0.3, 1.0), 'flip': True})
+  cfg = _cfg(data, image_size=24, augment={"crop_scale": (0.3, 1.0), "flip": True})
   batches = _take(pipeline.make_train_iterator(cfg, seed=7), 4)
   plain = _take(pipeline.make_train_iterator(_cfg(data, image_size=24), seed=7), 4)
-  assert any((a['image_labels'] != b['image_labels']).any() for a, b in zip(batches, plain))
+  assert any((a["image_labels"] != b["image_labels"]).any() for a, b in zip(batches, plain))
 
   def agreement(labels, pixels):
     hits = []
@@ -260,8 +294,8 @@ def test_augmentation_keeps_labels_on_their_pixels(data):
       hits.append(pixels[..., channel][labels == label] > 127)
     return np.concatenate(hits).mean()
 
-  pixels = np.concatenate([_pixels(cfg, b['image']) for b in batches])
-  labels = np.concatenate([b['image_labels'] for b in batches])
+  pixels = np.concatenate([_pixels(cfg, b["image"]) for b in batches])
+  labels = np.concatenate([b["image_labels"] for b in batches])
   assert (labels > 0).sum() > 500
   assert agreement(labels, pixels) > 0.95
   # The check can fail: labels mirrored relative to their images disagree.
@@ -269,7 +303,7 @@ def test_augmentation_keeps_labels_on_their_pixels(data):
 
 
 def test_workers_give_the_same_batches(data):
-  cfg = _cfg(data, augment={'crop_scale': (0.5, 1.0), 'flip': True})
+  cfg = _cfg(data, augment={"crop_scale": (0.5, 1.0), "flip": True})
   expected = _take(pipeline.make_train_iterator(cfg, seed=11), 4)
   cfg.worker_count = 2
   iterator = pipeline.make_train_iterator(cfg, seed=11)  # one start-up: workers are slow to spawn
@@ -284,40 +318,46 @@ def test_workers_give_the_same_batches(data):
 
 
 def test_corrupt_image_error_names_the_record(data):
-  cfg = _cfg(data, train=[{'dataset': data['world_like'], 'split': 'corrupt', 'weight': 1.0}],
-             batch_size=4)
+  cfg = _cfg(
+      data, train=[{"dataset": data["world_like"], "split": "corrupt", "weight": 1.0}], batch_size=4
+  )
   with pytest.raises(ValueError, match=rf"corrupt: record '{CORRUPT_ID}'.*cannot decode image"):
     next(pipeline.make_train_iterator(cfg, seed=0))
 
 
 def test_open_split_records_and_errors(data):
-  source = sources.open_split(data['world_like'], 'train', data['data_dir'])
+  source = sources.open_split(data["world_like"], "train", data["data_dir"])
   assert len(source) == NUM_RECORDS
   record = source[0]
-  assert isinstance(record['id'], str) and isinstance(record['caption'], str)
-  assert isinstance(record['image'], bytes)
+  assert isinstance(record["id"], str) and isinstance(record["caption"], str)
+  assert isinstance(record["image"], bytes)
   # Also by registered name under data_dir.
-  by_name = sources.open_split('mmret_pipeline_fixture', 'train', data['data_dir'])
-  assert by_name[0]['id'] == record['id']
-  assert sources.dataset_metadata(data['world_like'], data['data_dir'])['vocab'] == VOCAB
+  by_name = sources.open_split("mmret_pipeline_fixture", "train", data["data_dir"])
+  assert by_name[0]["id"] == record["id"]
+  assert sources.dataset_metadata(data["world_like"], data["data_dir"])["vocab"] == VOCAB
   with pytest.raises(KeyError, match=r"no split 'test'.*\['corrupt', 'train'\]"):
-    sources.open_split(data['world_like'], 'test', data['data_dir'])
-  with pytest.raises(FileNotFoundError, match='nowhere'):
-    sources.open_split(data['data_dir'] + '/nowhere', 'train', data['data_dir'])
-  with pytest.raises(ValueError, match='no_such_dataset'):
-    sources.open_split('no_such_dataset/x', 'train', data['data_dir'])
+    sources.open_split(data["world_like"], "test", data["data_dir"])
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    sources.open_split(data["data_dir"] + "/nowhere", "train", data["data_dir"])
+  with pytest.raises(ValueError, match="no_such_dataset"):
+    sources.open_split("no_such_dataset/x", "train", data["data_dir"])
 
 
 def _eval_items(count, *, image=True, text=True):
   items = []
   for index in range(count):
     record = _world_like_record(index)
-    items.append({'id': record['id'], 'image': record['image'] if image else b'',
-                  'text': record['caption'] if text else ''})
+    items.append(
+        {
+            "id": record["id"],
+            "image": record["image"] if image else b"",
+            "text": record["caption"] if text else "",
+        }
+    )
   return items
 
 
-@pytest.mark.parametrize('process_count', [1, 2])
+@pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_pad_and_index(data, process_count):
   cfg = _cfg(data)
   items = _eval_items(11)
@@ -326,22 +366,29 @@ def test_eval_batches_pad_and_index(data, process_count):
   batch_counts = []
   for process in range(process_count):
     per_process = 4 // process_count
-    batches = list(pipeline.eval_batches(items, input_cfg=cfg, batch_size=per_process,
-                                         process_index=process, process_count=process_count))
+    batches = list(
+        pipeline.eval_batches(
+            items,
+            input_cfg=cfg,
+            batch_size=per_process,
+            process_index=process,
+            process_count=process_count,
+        )
+    )
     batch_counts.append(len(batches))
     for batch in batches:
-      assert batch['image'].shape == (per_process, IMAGE_SIZE, IMAGE_SIZE, 3)
-      assert batch['text_ids'].shape == (per_process, 8) and batch['valid'].dtype == bool
-      assert ((batch['index'] == -1) == ~batch['valid']).all()
-      for row in np.flatnonzero(batch['valid']):
-        index = int(batch['index'][row])
+      assert batch["image"].shape == (per_process, IMAGE_SIZE, IMAGE_SIZE, 3)
+      assert batch["text_ids"].shape == (per_process, 8) and batch["valid"].dtype == bool
+      assert ((batch["index"] == -1) == ~batch["valid"]).all()
+      for row in np.flatnonzero(batch["valid"]):
+        index = int(batch["index"][row])
         assert index % process_count == process
-        assert _record_indices(cfg, {'image': batch['image'][row:row + 1]}) == [index]
-        ids, _ = tokenizer.encode([items[index]['text']], 8)
-        np.testing.assert_array_equal(batch['text_ids'][row], ids[0])
+        assert _record_indices(cfg, {"image": batch["image"][row : row + 1]}) == [index]
+        ids, _ = tokenizer.encode([items[index]["text"]], 8)
+        np.testing.assert_array_equal(batch["text_ids"][row], ids[0])
         seen.append(index)
       # Padding rows hold an empty text, never a fully masked row.
-      assert batch['text_mask'][:, :2].all()
+      assert batch["text_mask"][:, :2].all()
   assert sorted(seen) == list(range(11))
   assert len(set(batch_counts)) == 1  # every process runs the same number of steps
   # 11 items: 3 batches of 4, or 3 batches of 2 for the 6 (process 0) and 5 (process 1) items.
@@ -350,13 +397,11 @@ def test_eval_batches_pad_and_index(data, process_count):
 
 def test_eval_batches_single_modality_and_mixed_error(data):
   cfg = _cfg(data)
-  text_only = list(pipeline.eval_batches(_eval_items(5, image=False), input_cfg=cfg,
-                                         batch_size=4))
-  assert [set(b) for b in text_only] == [{'text_ids', 'text_mask', 'valid', 'index'}] * 2
-  assert text_only[1]['valid'].tolist() == [True, False, False, False]
-  image_only = list(pipeline.eval_batches(_eval_items(4, text=False), input_cfg=cfg,
-                                          batch_size=4))
-  assert [set(b) for b in image_only] == [{'image', 'valid', 'index'}]
+  text_only = list(pipeline.eval_batches(_eval_items(5, image=False), input_cfg=cfg, batch_size=4))
+  assert [set(b) for b in text_only] == [{"text_ids", "text_mask", "valid", "index"}] * 2
+  assert text_only[1]["valid"].tolist() == [True, False, False, False]
+  image_only = list(pipeline.eval_batches(_eval_items(4, text=False), input_cfg=cfg, batch_size=4))
+  assert [set(b) for b in image_only] == [{"image", "valid", "index"}]
   mixed = _eval_items(3) + _eval_items(1, image=False)
   with pytest.raises(ValueError, match="item 3 .*rec-0.*group items by modality"):
     list(pipeline.eval_batches(mixed, input_cfg=cfg, batch_size=4))
@@ -366,9 +411,9 @@ def test_eval_batches_single_modality_and_mixed_error(data):
 # The embedded world, prepared by name on first use.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('world'))
+  return str(tmp_path_factory.mktemp("world"))
 
 
 def test_default_pipeline_on_the_world(world_dir):
@@ -379,51 +424,62 @@ def test_default_pipeline_on_the_world(world_dir):
   batch = next(pipeline.make_train_iterator(cfg, seed=0))
   size = cfg.image_size
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      'image': ((8, size, size, 3), np.float32),
-      'text_ids': ((8, 64), np.int32), 'text_mask': ((8, 64), bool),
-      'text_intersection': ((8, 64), np.int32), 'image_labels': ((8, size, size), np.uint8)}
+      "image": ((8, size, size, 3), np.float32),
+      "text_ids": ((8, 64), np.int32),
+      "text_mask": ((8, 64), bool),
+      "text_intersection": ((8, 64), np.int32),
+      "image_labels": ((8, size, size), np.uint8),
+  }
   tokenizer = pipeline.tokenizer_for(cfg)
-  assert (batch['text_ids'][batch['text_mask']] != tokenizer.unk_id).all()
-  assert (batch['text_intersection'] == 1).any() and (batch['image_labels'] == 1).any()
+  assert (batch["text_ids"][batch["text_mask"]] != tokenizer.unk_id).all()
+  assert (batch["text_intersection"] == 1).any() and (batch["image_labels"] == 1).any()
   # Every caption fits: the end token is the last real one.
-  assert (batch['text_ids'][np.arange(8), batch['text_mask'].sum(1) - 1] == tokenizer.end_id).all()
+  assert (batch["text_ids"][np.arange(8), batch["text_mask"].sum(1) - 1] == tokenizer.end_id).all()
 
 
 def test_world_splits_keep_their_own_fields(world_dir):
-  caption5 = sources.open_split('mmret_world/tiny', 'caption5', world_dir)
-  assert set(caption5[0]) == {'id', 'image', 'captions'} and len(caption5[0]['captions']) == 5
-  candidates = sources.open_split('mmret_world/tiny', 'mm2mm_candidates', world_dir)
-  assert set(candidates[0]) == {'id', 'image', 'text', 'modality', 'pool'}
+  caption5 = sources.open_split("mmret_world/tiny", "caption5", world_dir)
+  assert set(caption5[0]) == {"id", "image", "captions"} and len(caption5[0]["captions"]) == 5
+  candidates = sources.open_split("mmret_world/tiny", "mm2mm_candidates", world_dir)
+  assert set(candidates[0]) == {"id", "image", "text", "modality", "pool"}
   # A 5-caption split trains too (one caption drawn per visit), without ground truth.
   cfg = pipeline.default_input_config()
   cfg.data_dir = world_dir
   cfg.batch_size = 4
-  cfg.train = [{'dataset': 'mmret_world/tiny', 'split': 'train', 'weight': 1.0},
-               {'dataset': 'mmret_world/tiny', 'split': 'caption5', 'weight': 1.0}]
-  assert set(next(pipeline.make_train_iterator(cfg, seed=0))) == {'image', 'text_ids',
-                                                                   'text_mask'}
-  items = [candidates[i] for i in range(len(candidates))
-           if candidates[i]['modality'] == 'image,text'][:5]
+  cfg.train = [
+      {"dataset": "mmret_world/tiny", "split": "train", "weight": 1.0},
+      {"dataset": "mmret_world/tiny", "split": "caption5", "weight": 1.0},
+  ]
+  assert set(next(pipeline.make_train_iterator(cfg, seed=0))) == {"image", "text_ids", "text_mask"}
+  items = [
+      candidates[i] for i in range(len(candidates)) if candidates[i]["modality"] == "image,text"
+  ][:5]
   batches = list(pipeline.eval_batches(items, input_cfg=cfg, batch_size=4))
-  assert [b['valid'].sum() for b in batches] == [4, 1]
-  assert set(batches[0]) == {'image', 'text_ids', 'text_mask', 'valid', 'index'}
+  assert [b["valid"].sum() for b in batches] == [4, 1]
+  assert set(batches[0]) == {"image", "text_ids", "text_mask", "valid", "index"}
 
 
 def test_crop_boxes_stay_inside_and_respect_scale():
   from mmret.data import preprocess  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(0)
   fractions = []
   for _ in range(200):
-    top, left, height, width = preprocess.sample_crop_box(40, 60, rng, scale=(0.3, 0.8),
-                                                          ratio=(3 / 4, 4 / 3))
+    top, left, height, width = preprocess.sample_crop_box(
+        40, 60, rng, scale=(0.3, 0.8), ratio=(3 / 4, 4 / 3)
+    )
     assert 0 <= top and top + height <= 40 and 0 <= left and left + width <= 60
     fractions.append(height * width / (40 * 60))
   assert 0.27 < min(fractions) and max(fractions) < 0.85 and np.std(fractions) > 0.05
   # Unreachable ratios fall back to the largest centred box within the ratio range.
   assert preprocess.sample_crop_box(10, 100, rng, scale=(1.0, 1.0), ratio=(1.0, 2.0)) == (
-      0, 40, 10, 20)
+      0,
+      40,
+      10,
+      20,
+  )
   gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
-  decoded = preprocess.decode_image(_png(gray), where='x')
+  decoded = preprocess.decode_image(_png(gray), where="x")
   assert decoded.shape == (3, 4, 3) and (decoded[..., 2] == gray).all()
-  with pytest.raises(ValueError, match='rec-9: no image bytes'):
-    preprocess.decode_image(b'', where='rec-9')
+  with pytest.raises(ValueError, match="rec-9: no image bytes"):
+    preprocess.decode_image(b"", where="rec-9")

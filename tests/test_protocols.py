@@ -4,6 +4,7 @@ A fake batch pipeline with ``eval_batches``'s signature turns items into vectors
 float32 bytes of a vector, a text is a sum of word vectors (``w<i>`` = i-th basis vector). The
 predict_fn projects with params['w'] and L2-normalises, so every score below is known by hand.
 """
+
 import json
 import os
 
@@ -38,10 +39,10 @@ def fake_eval_batches(items, *, input_cfg, batch_size, process_index=0, process_
   dim = input_cfg["dim"]
   rows = list(range(process_index, len(items), process_count))
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     batch = {"valid": np.zeros(batch_size, bool), "index": np.full(batch_size, -1, np.int32)}
-    batch["valid"][:len(chunk)] = True
-    batch["index"][:len(chunk)] = chunk
+    batch["valid"][: len(chunk)] = True
+    batch["index"][: len(chunk)] = chunk
     first = items[chunk[0]]
     if "image" in first:
       batch["image"] = np.zeros((batch_size, dim), np.float32)
@@ -80,6 +81,7 @@ def _image(i):
 
 # --- embedding pass --------------------------------------------------------------------------
 
+
 def _numpy_normalize(x):
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
@@ -89,14 +91,21 @@ def test_embed_items_on_8_devices_equals_single_device():
   rng = np.random.default_rng(0)
   vectors = rng.normal(size=(37, DIM)).astype(np.float32)
   words = [" ".join(f"w{j}" for j in rng.integers(0, DIM, 3)) for _ in range(37)]
-  items = [{"id": str(i), "image": v.tobytes(), "text": t} for i, (v, t) in
-           enumerate(zip(vectors, words))]
+  items = [
+      {"id": str(i), "image": v.tobytes(), "text": t}
+      for i, (v, t) in enumerate(zip(vectors, words))
+  ]
   w = rng.normal(size=(DIM, DIM)).astype(np.float32)
   for modality, key in (("image", "z_image"), ("text", "z_text"), ("image,text", "z_joint")):
-    got = embed.embed_items(predict_fn, [{k: item[k] for k in item if k == "id" or
-                                          k in modality.split(",")} for item in items],
-                            modality, input_cfg=INPUT_CFG, batch_size=12, params={"w": w},
-                            batches_fn=fake_eval_batches)
+    got = embed.embed_items(
+        predict_fn,
+        [{k: item[k] for k in item if k == "id" or k in modality.split(",")} for item in items],
+        modality,
+        input_cfg=INPUT_CFG,
+        batch_size=12,
+        params={"w": w},
+        batches_fn=fake_eval_batches,
+    )
     # Single-device reference: the whole set in one batch on one device.
     batch = {}
     if "image" in modality:
@@ -116,8 +125,15 @@ def test_embed_items_rejects_lost_rows_and_unknown_modality():
 
   items = [{"id": str(i), "text": "w1"} for i in range(5)]
   with pytest.raises(ValueError, match=r"missing items \[0, 3\]"):
-    embed.embed_items(predict_fn, items, "text", input_cfg=INPUT_CFG, batch_size=3,
-                      params=PARAMS, batches_fn=dropping_batches)
+    embed.embed_items(
+        predict_fn,
+        items,
+        "text",
+        input_cfg=INPUT_CFG,
+        batch_size=3,
+        params=PARAMS,
+        batches_fn=dropping_batches,
+    )
   with pytest.raises(ValueError, match="unknown modality 'audio'"):
     embed.embed_items(predict_fn, items, "audio", input_cfg=INPUT_CFG, batch_size=3)
 
@@ -126,8 +142,7 @@ def test_gather_processes_restores_order_across_uneven_shards(monkeypatch):
   """Two processes holding 3 and 2 rows: padding to the longest shard and trimming back."""
   z0, index0 = np.arange(6, dtype=np.float32).reshape(3, 2), np.array([4, 0, 2])
   z1, index1 = np.arange(10, 14, dtype=np.float32).reshape(2, 2), np.array([1, 3])
-  other = iter([np.int64(2), np.int64(2), np.pad(z1, ((0, 1), (0, 0))),
-                np.array([1, 3, -1])])
+  other = iter([np.int64(2), np.int64(2), np.pad(z1, ((0, 1), (0, 0))), np.array([1, 3, -1])])
 
   def fake_allgather(x):
     return np.stack([np.asarray(x), next(other)])
@@ -142,10 +157,13 @@ def test_gather_processes_restores_order_across_uneven_shards(monkeypatch):
 
 # --- caption5 --------------------------------------------------------------------------------
 
+
 def _caption5_records():
   # Image i shows basis vector i; its captions say w<i>, except image 3's, which say w0.
-  return [{"id": f"img{i}", "image": _image(i), "captions": [f"w{0 if i == 3 else i}"] * 5}
-          for i in range(4)]
+  return [
+      {"id": f"img{i}", "image": _image(i), "captions": [f"w{0 if i == 3 else i}"] * 5}
+      for i in range(4)
+  ]
 
 
 def test_caption5_known_answer():
@@ -170,10 +188,21 @@ def test_caption5_names_record_without_captions():
 
 # --- retrieval (M-BEIR) ----------------------------------------------------------------------
 
+
 def _query(qid, modality, pool, task, positives, *, image=b"", text="", instruction=""):
-  return {"id": qid, "image": image, "text": text, "modality": modality, "pool": pool,
-          "task": task, "instruction": instruction, "positive_ids": positives,
-          "candidate_ids": [], "negative_id": "", "negative_kind": ""}
+  return {
+      "id": qid,
+      "image": image,
+      "text": text,
+      "modality": modality,
+      "pool": pool,
+      "task": task,
+      "instruction": instruction,
+      "positive_ids": positives,
+      "candidate_ids": [],
+      "negative_id": "",
+      "negative_kind": "",
+  }
 
 
 def _candidate(cid, modality, pool="", *, image=b"", text=""):
@@ -201,8 +230,9 @@ def _mbeir():
 
 
 def test_retrieval_local_and_global_pools():
-  got = protocols.evaluate_retrieval(predict_fn, data=_mbeir(), ks=(1, 5),
-                                     recall_k_by_pool={"B": 10}, **COMMON)
+  got = protocols.evaluate_retrieval(
+      predict_fn, data=_mbeir(), ks=(1, 5), recall_k_by_pool={"B": 10}, **COMMON
+  )
   for task in ("t2i", "i2t", "joint", "instructed"):
     assert got[f"local/{task}/recall@1"] == 100.0
   # In the global pool q3 ('w4 w5') finds c5 of pool A first; its positive c3 comes second.
@@ -215,8 +245,9 @@ def test_retrieval_local_and_global_pools():
 
 
 def test_retrieval_instruction_prefix_changes_the_query():
-  got = protocols.evaluate_retrieval(predict_fn, data=_mbeir(), ks=(1, 5), use_instruction=True,
-                                     pools=("local",), **COMMON)
+  got = protocols.evaluate_retrieval(
+      predict_fn, data=_mbeir(), ks=(1, 5), use_instruction=True, pools=("local",), **COMMON
+  )
   # 'w7 w7 w7 w6' now prefers c7 over the positive c6.
   assert got["local/instructed/recall@1"] == 0.0
   assert got["local/instructed/recall@5"] == 100.0
@@ -241,29 +272,43 @@ def test_retrieval_names_unknown_positive_and_bad_modality():
 
 # --- mm2mm -----------------------------------------------------------------------------------
 
+
 def _pair(cid, image, text):
   return _candidate(cid, "image,text", image=_image(image), text=text)
 
 
 def _mm2mm(num_distractors=0, seed=0):
   candidates = [
-      _pair("a0", 0, "w1"),        # the anchor itself, ranked first unless excluded
-      _pair("p0", 0, "w1"),        # identical to a0: sim 1
-      _pair("n0", 0, "w2"),        # sim 0.5
-      _pair("n1", 3, "w4"),        # identical to a1: sim 1
-      _pair("p1", 3, "w5"),        # sim 0.5
+      _pair("a0", 0, "w1"),  # the anchor itself, ranked first unless excluded
+      _pair("p0", 0, "w1"),  # identical to a0: sim 1
+      _pair("n0", 0, "w2"),  # sim 0.5
+      _pair("n1", 3, "w4"),  # identical to a1: sim 1
+      _pair("p1", 3, "w5"),  # sim 0.5
       _pair("p2", 6, "w7"),
   ]
   rng = np.random.default_rng(seed)
   for i in range(num_distractors):
     vector = rng.normal(size=DIM).astype(np.float32)
-    candidates.append({"id": f"d{i}", "image": vector.tobytes(), "text": f"w{i % DIM}",
-                       "modality": "image,text", "pool": ""})
+    candidates.append(
+        {
+            "id": f"d{i}",
+            "image": vector.tobytes(),
+            "text": f"w{i % DIM}",
+            "modality": "image,text",
+            "pool": "",
+        }
+    )
   queries = [
-      dict(_query("a0", "image,text", "", "mm2mm", ["p0"], image=_image(0), text="w1"),
-           negative_id="n0", negative_kind="intersection"),
-      dict(_query("a1", "image,text", "", "mm2mm", ["p1"], image=_image(3), text="w4"),
-           negative_id="n1", negative_kind="text_only"),
+      dict(
+          _query("a0", "image,text", "", "mm2mm", ["p0"], image=_image(0), text="w1"),
+          negative_id="n0",
+          negative_kind="intersection",
+      ),
+      dict(
+          _query("a1", "image,text", "", "mm2mm", ["p1"], image=_image(3), text="w4"),
+          negative_id="n1",
+          negative_kind="text_only",
+      ),
       _query("a2", "image,text", "", "mm2mm", ["p2"], image=_image(6), text="w7"),
   ]
   return queries, candidates
@@ -283,8 +328,9 @@ def test_mm2mm_known_answer():
 
 
 def test_mm2mm_rankings_leave_out_the_anchor(tmp_path):
-  protocols.evaluate_mm2mm(predict_fn, data=_mm2mm(), workdir=str(tmp_path), save_rankings=True,
-                           **COMMON)
+  protocols.evaluate_mm2mm(
+      predict_fn, data=_mm2mm(), workdir=str(tmp_path), save_rankings=True, **COMMON
+  )
   with open(tmp_path / "rankings.jsonl") as f:
     rankings = [json.loads(line) for line in f]
   assert [r["query_id"] for r in rankings] == ["a0", "a1", "a2"]
@@ -300,9 +346,13 @@ def test_mm2mm_with_scann_reports_its_recall():
   data = _mm2mm(num_distractors=3000)
   options = dict(COMMON, batch_size=512)
   got = protocols.evaluate_mm2mm(
-      predict_fn, data=data, **options,
-      search=dict(method="scann", recall_samples=3,
-                  scann=dict(leaves_to_search=1000, reorder=1000)))
+      predict_fn,
+      data=data,
+      **options,
+      search=dict(
+          method="scann", recall_samples=3, scann=dict(leaves_to_search=1000, reorder=1000)
+      ),
+  )
   exact = protocols.evaluate_mm2mm(predict_fn, data=data, **options)
   assert got["scann_recall@11"] == 100.0
   assert got == dict(exact, **{"scann_recall@11": 100.0})
@@ -310,17 +360,24 @@ def test_mm2mm_with_scann_reports_its_recall():
 
 # --- mmeb ------------------------------------------------------------------------------------
 
+
 def _mmeb():
-  candidates = [_candidate("c0", "text", text="w0"), _candidate("c1", "text", text="w1"),
-                _candidate("c2", "image", image=_image(3)),
-                _candidate("c3", "image", image=_image(2)),
-                _candidate("c4", "text", text="w5"), _candidate("c5", "text", text="w5"),
-                _candidate("unused", "text", text="w0")]
+  candidates = [
+      _candidate("c0", "text", text="w0"),
+      _candidate("c1", "text", text="w1"),
+      _candidate("c2", "image", image=_image(3)),
+      _candidate("c3", "image", image=_image(2)),
+      _candidate("c4", "text", text="w5"),
+      _candidate("c5", "text", text="w5"),
+      _candidate("unused", "text", text="w0"),
+  ]
   queries = [
       dict(_query("q0", "text", "", "A", [], text="w0"), candidate_ids=["c0", "c1"]),
       dict(_query("q1", "image", "", "A", [], image=_image(2)), candidate_ids=["c2", "c3"]),
-      dict(_query("q2", "text", "", "B", [], text="w1", instruction="w0 w0 w0"),
-           candidate_ids=["c1", "c0"]),
+      dict(
+          _query("q2", "text", "", "B", [], text="w1", instruction="w0 w0 w0"),
+          candidate_ids=["c1", "c0"],
+      ),
       dict(_query("q3", "text", "", "A", [], text="w5"), candidate_ids=["c4", "c5"]),  # a tie
   ]
   return queries, candidates
@@ -329,10 +386,16 @@ def _mmeb():
 def test_mmeb_hit_at_1_known_answer(tmp_path):
   got = protocols.evaluate_mmeb(predict_fn, data=_mmeb(), **COMMON)
   assert got["A/hit@1"] == pytest.approx(100 / 3)  # q0 hit; q1 wrong; q3 tie = miss
-  assert got["B/hit@1"] == 0.0                     # the instruction pulls q2 to c0
+  assert got["B/hit@1"] == 0.0  # the instruction pulls q2 to c0
   assert got["average/hit@1"] == pytest.approx(50 / 3)
-  plain = protocols.evaluate_mmeb(predict_fn, data=_mmeb(), use_instruction=False,
-                                  workdir=str(tmp_path), save_rankings=True, **COMMON)
+  plain = protocols.evaluate_mmeb(
+      predict_fn,
+      data=_mmeb(),
+      use_instruction=False,
+      workdir=str(tmp_path),
+      save_rankings=True,
+      **COMMON,
+  )
   assert plain["B/hit@1"] == 100.0
   with open(tmp_path / "rankings.jsonl") as f:
     rankings = [json.loads(line) for line in f]
@@ -348,10 +411,14 @@ def test_mmeb_names_unknown_candidate():
 
 # --- run_evals -------------------------------------------------------------------------------
 
+
 def _open_split(dataset, split, data_dir):
   assert dataset == "toy" and data_dir == "/data"
-  splits = {"caption5": _caption5_records(), "mb_queries": _mbeir()[0],
-            "mb_candidates": _mbeir()[1]}
+  splits = {
+      "caption5": _caption5_records(),
+      "mb_queries": _mbeir()[0],
+      "mb_candidates": _mbeir()[1],
+  }
   if split not in splits:
     raise KeyError(f"no split {split!r}")
   return splits[split]
@@ -359,14 +426,21 @@ def _open_split(dataset, split, data_dir):
 
 EVALS = {
     "flickr": dict(type="caption5", dataset="toy", split="caption5", every=2, batch_size=4),
-    "mbeir": dict(type="retrieval", dataset="toy", split="mb", every=0, batch_size=4,
-                  ks=(1, 5), recall_k_by_pool={"B": 10}, save_rankings=True),
+    "mbeir": dict(
+        type="retrieval",
+        dataset="toy",
+        split="mb",
+        every=0,
+        batch_size=4,
+        ks=(1, 5),
+        recall_k_by_pool={"B": 10},
+        save_rankings=True,
+    ),
 }
 
 
 def test_run_evals_schedules_names_and_writes_reports(tmp_path):
-  run = dict(params=PARAMS, data_dir="/data", open_split=_open_split,
-             batches_fn=fake_eval_batches)
+  run = dict(params=PARAMS, data_dir="/data", open_split=_open_split, batches_fn=fake_eval_batches)
   assert evals.run_evals(predict_fn, EVALS, INPUT_CFG, 3, str(tmp_path), **run) == {}
   at_2 = evals.run_evals(predict_fn, EVALS, INPUT_CFG, 2, str(tmp_path), **run)
   assert at_2["eval/flickr/rsum"] == 500.0
@@ -394,8 +468,23 @@ def test_run_evals_schedules_names_and_writes_reports(tmp_path):
 def test_run_evals_rejects_unknown_fields():
   bad = {"flickr": dict(EVALS["flickr"], fold_sise=1000)}
   with pytest.raises(ValueError, match=r"config.evals.flickr: unknown fields \['fold_sise'\]"):
-    evals.run_evals(predict_fn, bad, INPUT_CFG, 2, None, params=PARAMS, data_dir="/data",
-                    open_split=_open_split, batches_fn=fake_eval_batches)
+    evals.run_evals(
+        predict_fn,
+        bad,
+        INPUT_CFG,
+        2,
+        None,
+        params=PARAMS,
+        data_dir="/data",
+        open_split=_open_split,
+        batches_fn=fake_eval_batches,
+    )
   with pytest.raises(KeyError, match="unknown evaluator type 'covr'"):
-    evals.run_evals(predict_fn, {"x": dict(type="covr", dataset="toy", split="s", every=1)},
-                    INPUT_CFG, 2, None, open_split=_open_split)
+    evals.run_evals(
+        predict_fn,
+        {"x": dict(type="covr", dataset="toy", split="s", every=1)},
+        INPUT_CFG,
+        2,
+        None,
+        open_split=_open_split,
+    )

@@ -1,4 +1,5 @@
 """Evaluation reports: curve extraction, JSON history, Markdown table, PNG plot."""
+
 import json
 
 import numpy as np
@@ -7,16 +8,25 @@ from PIL import Image
 
 from mmret.evals import report
 
-METRICS = {"i2t/recall@1": 40.0, "i2t/recall@5": 70.0, "i2t/recall@10": 80.0,
-           "t2i/recall@1": 30.0, "t2i/recall@10": 75.0, "rsum": 295.0,
-           "i2t/scann_recall@10": 98.0, "recall@5": 50.0}
+METRICS = {
+    "i2t/recall@1": 40.0,
+    "i2t/recall@5": 70.0,
+    "i2t/recall@10": 80.0,
+    "t2i/recall@1": 30.0,
+    "t2i/recall@10": 75.0,
+    "rsum": 295.0,
+    "i2t/scann_recall@10": 98.0,
+    "recall@5": 50.0,
+}
 
 
 def test_recall_curves_groups_series_and_skips_scann():
   curves = report.recall_curves(METRICS)
-  assert curves == {"all": [(5, 50.0)],
-                    "i2t": [(1, 40.0), (5, 70.0), (10, 80.0)],
-                    "t2i": [(1, 30.0), (10, 75.0)]}
+  assert curves == {
+      "all": [(5, 50.0)],
+      "i2t": [(1, 40.0), (5, 70.0), (10, 80.0)],
+      "t2i": [(1, 30.0), (10, 75.0)],
+  }
   assert report.recall_curves({"rsum": 1.0, "local/a/recall@5": float("nan")}) == {}
 
 
@@ -40,7 +50,7 @@ def test_history_replaces_a_rerun_step_and_table_lists_steps(tmp_path):
 
 
 def _colour_pixels(image, hex_colour):
-  rgb = tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+  rgb = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
   return int(np.all(np.asarray(image) == rgb, axis=-1).sum())
 
 
@@ -73,4 +83,6 @@ def test_write_reports_writes_all_three_files(tmp_path):
   assert Image.open(paths["png"]).format == "PNG"
   # Metrics without recall curves (e.g. MMEB's hit@1) get no plot.
   assert set(report.write_reports(str(tmp_path), "mmeb", "mmeb", 7, {"A/hit@1": 1.0})) == {
-      "json", "md"}
+      "json",
+      "md",
+  }

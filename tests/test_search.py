@@ -1,4 +1,5 @@
 """Exact blocked search against a dense brute force; ScaNN parameters, search and recall."""
+
 import numpy as np
 import pytest
 
@@ -15,8 +16,9 @@ def _unit(rng, n, d):
 def test_exact_search_matches_dense_ranking(query_block, candidate_block):
   rng = np.random.default_rng(0)
   queries, candidates = _unit(rng, 23, 8), _unit(rng, 101, 8)
-  scores, indices = search.exact_search(queries, candidates, 10, query_block=query_block,
-                                        candidate_block=candidate_block)
+  scores, indices = search.exact_search(
+      queries, candidates, 10, query_block=query_block, candidate_block=candidate_block
+  )
   dense = queries @ candidates.T
   np.testing.assert_array_equal(indices, metrics.rank_from_scores(dense, 10))
   np.testing.assert_allclose(scores, np.take_along_axis(dense, indices, 1), rtol=1e-5, atol=1e-6)
@@ -63,8 +65,9 @@ def test_scann_search_reports_recall_against_exact():
   candidates = centres[rng.integers(0, 50, 6000)] + 0.3 * rng.normal(size=(6000, 32))
   candidates = (candidates / np.linalg.norm(candidates, axis=1, keepdims=True)).astype(np.float32)
   queries = candidates[:200] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
-  result = search.search(queries, candidates, 10, method="auto", exact_max_candidates=5000,
-                         recall_samples=100)
+  result = search.search(
+      queries, candidates, 10, method="auto", exact_max_candidates=5000, recall_samples=100
+  )
   assert result.method == "scann"
   assert result.indices.shape == (200, 10)
   assert 0.6 <= result.info["recall_vs_exact"] <= 1.0  # ~0.9 typically; random ids ~0.002

@@ -1,4 +1,5 @@
 """The SelfAlign recipe: configs of every variant, packed retrieval vectors, an end-to-end run."""
+
 import json
 
 import jax
@@ -29,7 +30,9 @@ def test_every_variant_config_builds(data_dir, variant):
   concept, context = selfalign.VARIANTS[variant]
   assert config.method.name == "selfalign" and config.loss.name == "selfalign"
   assert config.model.unimodal == "tower" and config.model.joint_kind == "fusion"
-  assert (config.loss.concept_weight > 0) == concept and (config.model.num_prototypes > 0) == concept
+  assert (config.loss.concept_weight > 0) == concept and (
+      config.model.num_prototypes > 0
+  ) == concept
   assert (config.loss.context_weight > 0) == context
   assert config.method.similarity == ("final" if context else "global")
   assert config.evals.caption5.type == "caption5" and config.evals.caption5.split == "caption5"
@@ -47,10 +50,14 @@ def test_config_without_warmup_is_one_stage_and_bad_args_are_named():
   config = selfalign.get_config("sum_warmup=0,steps=10")
   assert train.stage_configs(config)[0][0] is None and config.loss.max_violation
   karpathy = selfalign.get_config("data=/data/mmret/flickr30k,fold_size=1000")
-  assert karpathy.input.train == [{"dataset": "/data/mmret/flickr30k", "split": "train",
-                                   "weight": 1.0}]
-  assert (karpathy.evals.caption5.dataset, karpathy.evals.caption5.split,
-          karpathy.evals.caption5.fold_size) == ("/data/mmret/flickr30k", "test", 1000)
+  assert karpathy.input.train == [
+      {"dataset": "/data/mmret/flickr30k", "split": "train", "weight": 1.0}
+  ]
+  assert (
+      karpathy.evals.caption5.dataset,
+      karpathy.evals.caption5.split,
+      karpathy.evals.caption5.fold_size,
+  ) == ("/data/mmret/flickr30k", "test", 1000)
   with pytest.raises(ValueError, match="variant 'all'"):
     selfalign.get_config("variant=all")
   with pytest.raises(ValueError, match="sum_warmup=10"):
@@ -75,9 +82,14 @@ def model_run(data_dir):
 
 def test_predict_vectors_dot_product_is_the_final_similarity(model_run):
   config, setup, params, batch, outputs = model_run
-  expected = selfalign_similarity(outputs["z_image"], outputs["image_tokens"], outputs["z_text"],
-                                  outputs["text_tokens"], outputs["text_mask"],
-                                  pooling_temperature=config.method.pooling_temperature)
+  expected = selfalign_similarity(
+      outputs["z_image"],
+      outputs["image_tokens"],
+      outputs["z_text"],
+      outputs["text_tokens"],
+      outputs["text_mask"],
+      pooling_temperature=config.method.pooling_temperature,
+  )
   # The evaluators embed each modality separately.
   images = setup.predict(params, {"image": batch["image"]})
   texts = setup.predict(params, {"text_ids": batch["text_ids"], "text_mask": batch["text_mask"]})
@@ -131,21 +143,30 @@ def test_short_run_of_the_full_method_gives_caption5_metrics(tmp_path, data_dir)
     recalls = [final[f"eval/caption5/{direction}/recall@{k}"] for k in (1, 5, 10)]
     assert 0.0 <= recalls[0] <= recalls[1] <= recalls[2] <= 100.0
   assert final["eval/caption5/rsum"] == pytest.approx(
-      sum(final[f"eval/caption5/{d}/recall@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+      sum(final[f"eval/caption5/{d}/recall@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+  )
   # The table's re-scoring of the trained model by its global vectors alone.
   rescored = selfalign_table.global_scored_metrics(config, str(tmp_path))
   assert 0.0 <= rescored["global_scored/rsum"] <= 600.0
-  assert set(rescored) == {key.replace("eval/caption5/", "global_scored/") for key in final
-                           if key.startswith("eval/caption5/")}
+  assert set(rescored) == {
+      key.replace("eval/caption5/", "global_scored/")
+      for key in final
+      if key.startswith("eval/caption5/")
+  }
   assert json.load(open(tmp_path / selfalign_table.GLOBAL_SCORED)) == rescored
 
 
 def test_table_writes_markdown_and_json(tmp_path):
   metrics = {key: 10.0 for key in selfalign_table.COLUMNS.values()}
-  results = {variant: [dict(metrics, **{selfalign_table.PREFIX + "rsum": 60.0 + seed})
-                       for seed in range(3)] for variant in selfalign_table.VARIANT_NAMES}
-  markdown = selfalign_table.write_table(results, str(tmp_path), command="cmd", seconds=90.0,
-                                         seeds=[0, 1, 2])
+  results = {
+      variant: [
+          dict(metrics, **{selfalign_table.PREFIX + "rsum": 60.0 + seed}) for seed in range(3)
+      ]
+      for variant in selfalign_table.VARIANT_NAMES
+  }
+  markdown = selfalign_table.write_table(
+      results, str(tmp_path), command="cmd", seconds=90.0, seeds=[0, 1, 2]
+  )
   rows = [line for line in markdown.splitlines() if line.startswith("| ")]
   assert len(rows) == 1 + len(selfalign_table.VARIANT_NAMES)
   assert "| both (SelfAlign) | 10.00 ± 0.00" in markdown and "61.00 ± 1.00 |" in markdown

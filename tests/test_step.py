@@ -1,4 +1,5 @@
 """pmap, shard_map and a single-device step on the concatenated batch agree (8 fake devices)."""
+
 import functools
 
 import jax
@@ -21,9 +22,11 @@ def _batch(n, seed=0, image_size=16, text_len=8, vocab=50):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(2, text_len + 1, size=n)
   mask = np.arange(text_len)[None] < lengths[:, None]
-  return {"image": rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32),
-          "text_ids": np.where(mask, rng.integers(1, vocab, size=(n, text_len)), 0).astype(np.int32),
-          "text_mask": mask}
+  return {
+      "image": rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32),
+      "text_ids": np.where(mask, rng.integers(1, vocab, size=(n, text_len)), 0).astype(np.int32),
+      "text_mask": mask,
+  }
 
 
 def _setup(joint_kind="fusion"):
@@ -35,8 +38,13 @@ def _setup(joint_kind="fusion"):
   batch = _batch(16)
   params = model.init(jax.random.PRNGKey(0), batch)["params"]
   tx, lr = optim.make_optimizer(optim_cfg, params, total_steps=10)
-  body = functools.partial(step_lib.train_step, forward=methods.get("contrastive").make_forward(model),
-                           loss_fn=losses.get("clip"), tx=tx, lr_schedule=lr)
+  body = functools.partial(
+      step_lib.train_step,
+      forward=methods.get("contrastive").make_forward(model),
+      loss_fn=losses.get("clip"),
+      tx=tx,
+      lr_schedule=lr,
+  )
   return model, tx, body, batch
 
 
@@ -74,14 +82,18 @@ def test_pmap_shard_map_and_single_device_agree(joint_kind):
     state, seen = _run(kind, model, tx, body, batch)
     np.testing.assert_allclose(seen, ref_losses, rtol=RTOL, err_msg=kind)
     assert int(state.step) == 2
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL,
-                                                         err_msg=kind), state.params,
-                 ref_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=kind),
+        state.params,
+        ref_state.params,
+    )
   # The step did something: parameters moved away from their initial values.
-  init = jax.device_get(step_lib.init_state(model, batch, tx, seed=0,
-                                            mapping=step_lib.DeviceMapping("shard_map")))
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), ref_state.params,
-                                       init.params))
+  init = jax.device_get(
+      step_lib.init_state(model, batch, tx, seed=0, mapping=step_lib.DeviceMapping("shard_map"))
+  )
+  moved = jax.tree.leaves(
+      jax.tree.map(lambda a, b: np.abs(a - b).max(), ref_state.params, init.params)
+  )
   assert max(moved) > 1e-4
 
 
@@ -107,19 +119,32 @@ def test_frozen_tower_gets_no_update_and_no_backward_pass():
   def step_and_flops(freeze):
     optim_cfg = common.optim_config(lr=1e-2, warmup_steps=1, freeze=freeze)
     tx, lr = optim.make_optimizer(optim_cfg, params, total_steps=10)
-    body = jax.jit(functools.partial(step_lib.train_step, forward=forward, loss_fn=loss_fn, tx=tx,
-                                     lr_schedule=lr, frozen_mask=optim.frozen_mask(optim_cfg, params)))
-    state = jax.device_get(step_lib.init_state(model, batch, tx, seed=0,
-                                               mapping=step_lib.DeviceMapping("shard_map")))
+    body = jax.jit(
+        functools.partial(
+            step_lib.train_step,
+            forward=forward,
+            loss_fn=loss_fn,
+            tx=tx,
+            lr_schedule=lr,
+            frozen_mask=optim.frozen_mask(optim_cfg, params),
+        )
+    )
+    state = jax.device_get(
+        step_lib.init_state(model, batch, tx, seed=0, mapping=step_lib.DeviceMapping("shard_map"))
+    )
     flops = body.lower(state, batch).compile().cost_analysis()["flops"]
     after = body(body(state, batch)[0], batch)[0]  # the first step has learning rate 0 (warmup)
     return state, after, flops
 
   before, after, frozen_flops = step_and_flops("^image_tower/")
-  jax.tree.map(np.testing.assert_array_equal, after.params["image_tower"],
-               before.params["image_tower"])
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
-                                       after.params["text_tower"], before.params["text_tower"]))
+  jax.tree.map(
+      np.testing.assert_array_equal, after.params["image_tower"], before.params["image_tower"]
+  )
+  moved = jax.tree.leaves(
+      jax.tree.map(
+          lambda a, b: np.abs(a - b).max(), after.params["text_tower"], before.params["text_tower"]
+      )
+  )
   assert max(moved) > 1e-4
   _, _, full_flops = step_and_flops("")
   # The image tower's backward pass is gone (its forward pass stays).

@@ -1,4 +1,5 @@
 """End-to-end training: metrics, checkpoints, bit-identical resume, non-finite loss."""
+
 import json
 import os
 
@@ -90,8 +91,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, monkey
   step_b, params_b = _params(str(tmp_path / "resumed"), config)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  resumed_steps = [line["step"] for line in map(json.loads, open(tmp_path / "resumed" / "metrics.jsonl"))
-                   if "loss" in line]
+  resumed_steps = [
+      line["step"]
+      for line in map(json.loads, open(tmp_path / "resumed" / "metrics.jsonl"))
+      if "loss" in line
+  ]
   # Step 4 ran before the crash and again after resuming from checkpoint 3; history is kept.
   assert resumed_steps == [1, 2, 3, 4, 4, 5, 6]
 
@@ -123,8 +127,12 @@ def test_truncated_checkpoint_is_named(tmp_path, data_dir):
   config.total_steps = 3
   train.run(config, str(tmp_path))
   step_dir = tmp_path / "checkpoints" / "3"
-  data_files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
-                if os.path.getsize(os.path.join(r, f)) > 64]
+  data_files = [
+      os.path.join(r, f)
+      for r, _, fs in os.walk(step_dir / "state")
+      for f in fs
+      if os.path.getsize(os.path.join(r, f)) > 64
+  ]
   for path in data_files:
     with open(path, "r+b") as f:
       f.truncate(16)

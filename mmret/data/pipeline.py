@@ -11,6 +11,7 @@ Batches (dicts of numpy arrays, static shapes):
   ``image`` float32 [b,H,W,3] normalised, ``text_ids`` int32 [b,L], ``text_mask`` bool [b,L];
   with ground truth also ``text_intersection`` int32 [b,L] and ``image_labels`` uint8 [b,H,W].
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,10 +23,16 @@ import numpy as np
 
 from mmret.data import preprocess, sources, tokenizers
 
-__all__ = ['default_input_config', 'tokenizer_for', 'make_train_dataset', 'make_train_iterator',
-           'eval_batches', 'TrainExample']
+__all__ = [
+    "default_input_config",
+    "tokenizer_for",
+    "make_train_dataset",
+    "make_train_iterator",
+    "eval_batches",
+    "TrainExample",
+]
 
-GROUND_TRUTH_FIELDS = ('caption_tags', 'image_labels')
+GROUND_TRUTH_FIELDS = ("caption_tags", "image_labels")
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -33,11 +40,11 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.data_dir = sources.default_data_dir()  # $MMRET_DATA_DIR or ~/mmret_data
   # Training sources, mixed by (relative) weight.
-  cfg.train = [{'dataset': 'mmret_world/tiny', 'split': 'train', 'weight': 1.0}]
+  cfg.train = [{"dataset": "mmret_world/tiny", "split": "train", "weight": 1.0}]
   cfg.batch_size = 64  # global; each process gets batch_size // process_count
   cfg.image_size = 32
   cfg.max_text_len = 64  # including the start and end tokens; world captions have <= ~51 words
-  cfg.tokenizer = 'world'  # world | word:PATH | bpe:PATH | wordpiece:PATH
+  cfg.tokenizer = "world"  # world | word:PATH | bpe:PATH | wordpiece:PATH
   # CLIP's per-channel statistics (match CLIP-pretrained towers; harmless from scratch).
   cfg.mean = (0.48145466, 0.4578275, 0.40821073)
   cfg.std = (0.26862954, 0.26130258, 0.27577711)
@@ -61,7 +68,7 @@ def _tokenizer(spec: str, dataset: str | None, data_dir: str | None) -> tokenize
 
 def tokenizer_for(input_cfg) -> tokenizers.Tokenizer:
   """The (cached) tokenizer of ``input_cfg``; ``'world'`` reads the first training dataset."""
-  dataset = input_cfg.train[0]['dataset'] if input_cfg.get('train') else None
+  dataset = input_cfg.train[0]["dataset"] if input_cfg.get("train") else None
   return _tokenizer(input_cfg.tokenizer, dataset, input_cfg.data_dir)
 
 
@@ -81,8 +88,16 @@ class TrainExample:
   position (the same whatever the process count) seeds the augmentation RNG.
   """
 
-  def __init__(self, input_cfg, record_sources: Sequence[sources.RecordSource], *, seed: int,
-               process_index: int, process_count: int, with_ground_truth: bool):
+  def __init__(
+      self,
+      input_cfg,
+      record_sources: Sequence[sources.RecordSource],
+      *,
+      seed: int,
+      process_index: int,
+      process_count: int,
+      with_ground_truth: bool,
+  ):
     self.sources = list(record_sources)
     self.tokenizer = tokenizer_for(input_cfg)
     self.seed = seed
@@ -105,15 +120,20 @@ class TrainExample:
 
     image, labels = self._augmented_image(record, where, rng)
     caption = self._caption(record, where, rng)
-    example = {'image': np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))}
+    example = {"image": np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))}
     if self.with_ground_truth:
       try:
         ids, mask, token_tags = self.tokenizer.encode_with_word_tags(
-            caption, record['caption_tags'], self.max_text_len)
+            caption, record["caption_tags"], self.max_text_len
+        )
       except ValueError as e:
-        raise ValueError(f'{where}: caption_tags do not match the caption: {e}') from e
-      example.update(text_ids=ids, text_mask=mask, text_intersection=token_tags,
-                     image_labels=np.ascontiguousarray(labels))
+        raise ValueError(f"{where}: caption_tags do not match the caption: {e}") from e
+      example.update(
+          text_ids=ids,
+          text_mask=mask,
+          text_intersection=token_tags,
+          image_labels=np.ascontiguousarray(labels),
+      )
     else:
       ids, mask = self.tokenizer.encode([caption], self.max_text_len)
       example.update(text_ids=ids[0], text_mask=mask[0])
@@ -121,17 +141,19 @@ class TrainExample:
 
   def _augmented_image(self, record, where: str, rng: np.random.Generator):
     """Decoded, cropped, resized and maybe flipped image (uint8) and its pixel labels."""
-    image = preprocess.decode_image(record.get('image'), where=where)
+    image = preprocess.decode_image(record.get("image"), where=where)
     labels = None
     if self.with_ground_truth:
-      labels = np.asarray(record['image_labels'], np.uint8)
+      labels = np.asarray(record["image_labels"], np.uint8)
       if labels.shape != image.shape[:2]:
-        raise ValueError(f'{where}: image_labels shape {labels.shape} != image size '
-                         f'{image.shape[:2]}')
+        raise ValueError(
+            f"{where}: image_labels shape {labels.shape} != image size " f"{image.shape[:2]}"
+        )
     box = None
     if self.crop_scale != (1.0, 1.0):
-      box = preprocess.sample_crop_box(*image.shape[:2], rng, scale=self.crop_scale,
-                                       ratio=self.crop_ratio)
+      box = preprocess.sample_crop_box(
+          *image.shape[:2], rng, scale=self.crop_scale, ratio=self.crop_ratio
+      )
     image = preprocess.crop_resize(image, box, self.image_size)
     if labels is not None:
       labels = preprocess.crop_resize(labels, box, self.image_size, nearest=True)
@@ -142,26 +164,26 @@ class TrainExample:
 
   @staticmethod
   def _caption(record, where: str, rng: np.random.Generator) -> str:
-    if 'caption' in record:
-      return record['caption']
-    if record.get('captions'):  # 5-caption splits: one caption drawn per visit
-      return record['captions'][int(rng.integers(len(record['captions'])))]
+    if "caption" in record:
+      return record["caption"]
+    if record.get("captions"):  # 5-caption splits: one caption drawn per visit
+      return record["captions"][int(rng.integers(len(record["captions"])))]
     raise KeyError(f'{where}: no "caption" or "captions" field (fields: {sorted(record)})')
 
 
 def _open_train_sources(input_cfg) -> tuple[list[sources.RecordSource], list[float]]:
   if not input_cfg.train:
-    raise ValueError('input_cfg.train is empty: name at least one {dataset, split, weight}')
+    raise ValueError("input_cfg.train is empty: name at least one {dataset, split, weight}")
   record_sources, weights = [], []
   for entry in input_cfg.train:
-    entry = entry.to_dict() if hasattr(entry, 'to_dict') else dict(entry)
-    missing = {'dataset', 'split'} - set(entry)
+    entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+    missing = {"dataset", "split"} - set(entry)
     if missing:
-      raise ValueError(f'input_cfg.train entry {entry} lacks {sorted(missing)}')
-    weight = float(entry.get('weight', 1.0))
+      raise ValueError(f"input_cfg.train entry {entry} lacks {sorted(missing)}")
+    weight = float(entry.get("weight", 1.0))
     if weight <= 0:
-      raise ValueError(f'input_cfg.train entry {entry}: weight must be > 0')
-    source = sources.open_split(entry['dataset'], entry['split'], input_cfg.data_dir)
+      raise ValueError(f"input_cfg.train entry {entry}: weight must be > 0")
+    source = sources.open_split(entry["dataset"], entry["split"], input_cfg.data_dir)
     if len(source) == 0:
       raise ValueError(f'{entry["dataset"]}/{entry["split"]} is empty')
     record_sources.append(source)
@@ -169,35 +191,47 @@ def _open_train_sources(input_cfg) -> tuple[list[sources.RecordSource], list[flo
   return record_sources, weights
 
 
-def make_train_dataset(input_cfg, *, seed: int, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
+def make_train_dataset(
+    input_cfg, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
   """The training stream of this process as a grain ``IterDataset`` of batches."""
   if input_cfg.batch_size % process_count:
-    raise ValueError(f'batch_size {input_cfg.batch_size} is not divisible by process_count '
-                     f'{process_count}')
+    raise ValueError(
+        f"batch_size {input_cfg.batch_size} is not divisible by process_count " f"{process_count}"
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   record_sources, weights = _open_train_sources(input_cfg)
   # Ground truth only when every source has it: batch keys must not change along the stream.
   with_ground_truth = all(set(GROUND_TRUTH_FIELDS) <= s.fields for s in record_sources)
 
   streams = []
   for source_index, source in enumerate(record_sources):
-    stream = grain.MapDataset.range(len(source)).map(
-        functools.partial(_tag_source, source_index))
+    stream = grain.MapDataset.range(len(source)).map(functools.partial(_tag_source, source_index))
     streams.append(stream.shuffle(seed=_derived_seed(seed, source_index)).repeat())
   mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
-  examples = mixed[process_index::process_count].map_with_index(TrainExample(
-      input_cfg, record_sources, seed=seed, process_index=process_index,
-      process_count=process_count, with_ground_truth=with_ground_truth))
+  examples = mixed[process_index::process_count].map_with_index(
+      TrainExample(
+          input_cfg,
+          record_sources,
+          seed=seed,
+          process_index=process_index,
+          process_count=process_count,
+          with_ground_truth=with_ground_truth,
+      )
+  )
   batches = examples.batch(input_cfg.batch_size // process_count, drop_remainder=True)
-  read_options = grain.ReadOptions(num_threads=int(input_cfg.read_threads),
-                                   prefetch_buffer_size=int(input_cfg.prefetch))
+  read_options = grain.ReadOptions(
+      num_threads=int(input_cfg.read_threads), prefetch_buffer_size=int(input_cfg.prefetch)
+  )
   dataset = batches.to_iter_dataset(read_options)
   if input_cfg.worker_count > 0:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(input_cfg.worker_count),
-        per_worker_buffer_size=int(input_cfg.worker_buffer_size)))
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=int(input_cfg.worker_count),
+            per_worker_buffer_size=int(input_cfg.worker_buffer_size),
+        )
+    )
   return dataset
 
 
@@ -205,11 +239,15 @@ def _tag_source(source_index: int, record_index: int) -> tuple[int, int]:
   return source_index, int(record_index)
 
 
-def make_train_iterator(input_cfg, *, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(
+    input_cfg, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
   """Checkpointable iterator (``get_state``/``set_state``) over this process's batches."""
-  return iter(make_train_dataset(input_cfg, seed=seed, process_index=process_index,
-                                 process_count=process_count))
+  return iter(
+      make_train_dataset(
+          input_cfg, seed=seed, process_index=process_index, process_count=process_count
+      )
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,12 +255,12 @@ def make_train_iterator(input_cfg, *, seed: int, process_index: int = 0,
 
 
 def _has_image(item) -> bool:
-  image = item.get('image')
+  image = item.get("image")
   return image is not None and len(image) > 0
 
 
 def _has_text(item) -> bool:
-  return bool(item.get('text'))
+  return bool(item.get("text"))
 
 
 class _ProcessShare:
@@ -259,32 +297,41 @@ class EvalExample:
 
   def __call__(self, element) -> dict[str, np.ndarray]:
     position, item = element
-    example = {'valid': np.bool_(item is not None), 'index': np.int32(position)}
+    example = {"valid": np.bool_(item is not None), "index": np.int32(position)}
     if item is not None:
       where = f'item {position} (id {item.get("id", "?")!r})'
       if (_has_image(item), _has_text(item)) != (self.with_image, self.with_text):
-        raise ValueError(f'{where} has image={_has_image(item)}, text={_has_text(item)} but '
-                         f'item 0 has image={self.with_image}, text={self.with_text}; '
-                         'group items by modality before batching')
+        raise ValueError(
+            f"{where} has image={_has_image(item)}, text={_has_text(item)} but "
+            f"item 0 has image={self.with_image}, text={self.with_text}; "
+            "group items by modality before batching"
+        )
     if self.with_image:
       if item is None:
         image = np.zeros((self.image_size, self.image_size, 3), np.float32)
       else:
-        pixels = preprocess.decode_image(item['image'], where=where)
-        image = preprocess.normalize(preprocess.crop_resize(pixels, None, self.image_size),
-                                     self.mean, self.std)
-      example['image'] = np.ascontiguousarray(image)
+        pixels = preprocess.decode_image(item["image"], where=where)
+        image = preprocess.normalize(
+            preprocess.crop_resize(pixels, None, self.image_size), self.mean, self.std
+        )
+      example["image"] = np.ascontiguousarray(image)
     if self.with_text:
       # Padding rows hold an empty text (start + end tokens) so no row is fully masked.
-      ids, mask = self.tokenizer.encode([item['text'] if item is not None else ''],
-                                        self.max_text_len)
+      ids, mask = self.tokenizer.encode(
+          [item["text"] if item is not None else ""], self.max_text_len
+      )
       example.update(text_ids=ids[0], text_mask=mask[0])
     return example
 
 
-def eval_batches(items: Sequence[dict[str, Any]], *, input_cfg, batch_size: int,
-                 process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    items: Sequence[dict[str, Any]],
+    *,
+    input_cfg,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic batches of ``items`` for embedding.
 
   ``items`` is a random-access sequence of dicts with ``image`` (encoded bytes, b'' = absent)
@@ -295,16 +342,21 @@ def eval_batches(items: Sequence[dict[str, Any]], *, input_cfg, batch_size: int,
   rows) and ``index`` int32 [batch_size] (position in ``items``, -1 on padding rows).
   """
   if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if len(items) == 0:
     return
   with_image, with_text = _has_image(items[0]), _has_text(items[0])
   if not (with_image or with_text):
     raise ValueError(f'item 0 (id {items[0].get("id", "?")!r}) has neither image nor text')
   share = _ProcessShare(items, batch_size, process_index, process_count)
-  dataset = (grain.MapDataset.source(share)
-             .map(EvalExample(input_cfg, with_image=with_image, with_text=with_text))
-             .batch(batch_size, drop_remainder=True)
-             .to_iter_dataset(grain.ReadOptions(num_threads=int(input_cfg.read_threads),
-                                                prefetch_buffer_size=int(input_cfg.prefetch))))
+  dataset = (
+      grain.MapDataset.source(share)
+      .map(EvalExample(input_cfg, with_image=with_image, with_text=with_text))
+      .batch(batch_size, drop_remainder=True)
+      .to_iter_dataset(
+          grain.ReadOptions(
+              num_threads=int(input_cfg.read_threads), prefetch_buffer_size=int(input_cfg.prefetch)
+          )
+      )
+  )
   yield from dataset

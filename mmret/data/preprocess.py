@@ -3,6 +3,7 @@
 Per-pixel labels go through exactly the same crop box and flip as their image and are resized
 with nearest neighbour, so a label keeps pointing at the pixels it describes.
 """
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ['decode_image', 'sample_crop_box', 'crop_resize', 'normalize']
+__all__ = ["decode_image", "sample_crop_box", "crop_resize", "normalize"]
 
 
 def decode_image(data, *, where: str) -> np.ndarray:
@@ -24,25 +25,33 @@ def decode_image(data, *, where: str) -> np.ndarray:
     array = data
   else:
     if not isinstance(data, (bytes, bytearray)) or not data:
-      raise ValueError(f'{where}: no image bytes (got {type(data).__name__} of length '
-                       f'{len(data) if hasattr(data, "__len__") else "?"})')
+      raise ValueError(
+          f"{where}: no image bytes (got {type(data).__name__} of length "
+          f'{len(data) if hasattr(data, "__len__") else "?"})'
+      )
     try:
       with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert('RGB'))
+        array = np.asarray(image.convert("RGB"))
     except Exception as e:  # PIL raises several types for truncated or unknown data
-      raise ValueError(f'{where}: cannot decode image ({type(e).__name__}: {e})') from e
+      raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
   if array.ndim == 2:
     array = array[:, :, None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-    raise ValueError(f'{where}: image has shape {array.shape}, expected [H, W, 1|3|4]')
+    raise ValueError(f"{where}: image has shape {array.shape}, expected [H, W, 1|3|4]")
   if array.shape[-1] == 1:
     array = np.repeat(array, 3, axis=-1)
   return np.ascontiguousarray(array[..., :3].astype(np.uint8, copy=False))
 
 
-def sample_crop_box(height: int, width: int, rng: np.random.Generator, *,
-                    scale: Sequence[float], ratio: Sequence[float],
-                    attempts: int = 10) -> tuple[int, int, int, int]:
+def sample_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    *,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
   """Random-resized-crop box (top, left, crop_height, crop_width), as in Inception/torchvision.
 
   Area fraction is uniform in ``scale``, aspect ratio log-uniform in ``ratio``; after
@@ -69,8 +78,9 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator, *,
   return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def crop_resize(array: np.ndarray, box: tuple[int, int, int, int] | None, size: int, *,
-                nearest: bool = False) -> np.ndarray:
+def crop_resize(
+    array: np.ndarray, box: tuple[int, int, int, int] | None, size: int, *, nearest: bool = False
+) -> np.ndarray:
   """Crops ``box`` (None = whole array) and resizes to [size, size] (bicubic or nearest)."""
   height, width = array.shape[:2]
   top, left, crop_h, crop_w = box if box is not None else (0, 0, height, width)

@@ -10,6 +10,7 @@ tfds gives all splits of a dataset one feature set. A builder whose module defin
 ``SPLIT_FIELDS`` (split name -> field names, as ``mmret.data.world_builder`` does) has its
 records cut down to their split's own fields, so a record's keys say what it holds.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,20 +20,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ['default_data_dir', 'load_builder', 'open_split', 'dataset_metadata', 'RecordSource']
+__all__ = ["default_data_dir", "load_builder", "open_split", "dataset_metadata", "RecordSource"]
 
 # Fields that hold encoded image bytes: never decoded to text.
-BYTES_FIELDS = frozenset({'image'})
-_WORLD_NAME = 'mmret_world'
+BYTES_FIELDS = frozenset({"image"})
+_WORLD_NAME = "mmret_world"
 
 
 def default_data_dir() -> str:
   """``$MMRET_DATA_DIR``, else ``~/mmret_data``."""
-  return os.path.expanduser(os.environ.get('MMRET_DATA_DIR', '~/mmret_data'))
+  return os.path.expanduser(os.environ.get("MMRET_DATA_DIR", "~/mmret_data"))
 
 
 def _is_directory_spec(dataset: str) -> bool:
-  return dataset.startswith(('/', '.', '~')) or os.path.isdir(dataset)
+  return dataset.startswith(("/", ".", "~")) or os.path.isdir(dataset)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,27 +44,34 @@ def load_builder(dataset: str, data_dir: str | None = None):
   data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
   if _is_directory_spec(dataset):
     path = os.path.expanduser(dataset)
-    if not os.path.exists(os.path.join(path, 'dataset_info.json')):
-      raise FileNotFoundError(f'dataset {dataset!r}: {path} is not a prepared tfds dataset '
-                              'directory (no dataset_info.json)')
+    if not os.path.exists(os.path.join(path, "dataset_info.json")):
+      raise FileNotFoundError(
+          f"dataset {dataset!r}: {path} is not a prepared tfds dataset "
+          "directory (no dataset_info.json)"
+      )
     return tfds.builder_from_directory(path)
-  name, _, config = dataset.partition('/')
+  name, _, config = dataset.partition("/")
   if name == _WORLD_NAME:
     # Importing the module registers the builder; it is prepared offline on first use.
     from mmret.data import world_builder  # pylint: disable=import-outside-toplevel
-    builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
+
+    builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
       world_builder.prepare(config or builder.builder_config.name, data_dir)
-      builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
+      builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
     return builder
   try:
-    builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
+    builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # tfds raises several types for unknown names and configs
-    raise ValueError(f'unknown dataset {dataset!r}: not a prepared tfds directory nor a '
-                     f'registered tfds name ({e})') from e
+    raise ValueError(
+        f"unknown dataset {dataset!r}: not a prepared tfds directory nor a "
+        f"registered tfds name ({e})"
+    ) from e
   if not builder.is_prepared():
-    raise FileNotFoundError(f'dataset {dataset!r} is not prepared under {data_dir}; prepare it '
-                            'with its builder (file_format="array_record") first')
+    raise FileNotFoundError(
+        f"dataset {dataset!r} is not prepared under {data_dir}; prepare it "
+        'with its builder (file_format="array_record") first'
+    )
   return builder
 
 
@@ -78,7 +86,7 @@ def _split_fields(builder, split: str) -> frozenset[str]:
     module = sys.modules[tfds.builder_cls(builder.info.name).__module__]
   except Exception:  # not registered in this process (e.g. a directory of another builder)
     return features
-  fields = getattr(module, 'SPLIT_FIELDS', {}).get(split)
+  fields = getattr(module, "SPLIT_FIELDS", {}).get(split)
   return features if fields is None else features & frozenset(fields)
 
 
@@ -92,7 +100,7 @@ def _to_python(key: str, value: Any) -> Any:
   if key in BYTES_FIELDS:
     return value
   if isinstance(value, bytes):
-    return value.decode('utf-8')
+    return value.decode("utf-8")
   if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype == object):
     return [_to_python(key, v) for v in value]
   return value
@@ -110,7 +118,7 @@ class RecordSource:
     builder = load_builder(dataset, data_dir)
     splits = sorted(builder.info.splits.keys())
     if split not in splits:
-      raise KeyError(f'dataset {dataset!r} has no split {split!r}; available splits: {splits}')
+      raise KeyError(f"dataset {dataset!r} has no split {split!r}; available splits: {splits}")
     self.fields = _split_fields(builder, split)
     self._records = builder.as_data_source(split)
 
@@ -122,13 +130,13 @@ class RecordSource:
     return {key: _to_python(key, value) for key, value in record.items() if key in self.fields}
 
   def __getstate__(self):
-    return {'dataset': self.dataset, 'split': self.split, 'data_dir': self.data_dir}
+    return {"dataset": self.dataset, "split": self.split, "data_dir": self.data_dir}
 
   def __setstate__(self, state):
-    self.__init__(state['dataset'], state['split'], state['data_dir'])
+    self.__init__(state["dataset"], state["split"], state["data_dir"])
 
   def __repr__(self) -> str:
-    return f'RecordSource({self.dataset!r}, {self.split!r}, {len(self)} records)'
+    return f"RecordSource({self.dataset!r}, {self.split!r}, {len(self)} records)"
 
 
 def open_split(dataset: str, split: str, data_dir: str | None = None) -> RecordSource:

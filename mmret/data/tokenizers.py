@@ -16,6 +16,7 @@ Specs understood by :func:`get_tokenizer`:
   ``'bpe:PATH'``         CLIP's ``bpe_simple_vocab_16e6.txt.gz``
   ``'wordpiece:PATH'``   BERT's ``vocab.txt``
 """
+
 from __future__ import annotations
 
 import abc
@@ -31,8 +32,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = [
-    'Tokenizer', 'WordTokenizer', 'ClipBpeTokenizer', 'WordPieceTokenizer',
-    'build_word_vocab', 'save_word_vocab', 'load_word_vocab', 'get_tokenizer',
+    "Tokenizer",
+    "WordTokenizer",
+    "ClipBpeTokenizer",
+    "WordPieceTokenizer",
+    "build_word_vocab",
+    "save_word_vocab",
+    "load_word_vocab",
+    "get_tokenizer",
 ]
 
 
@@ -54,52 +61,55 @@ class Tokenizer(abc.ABC):
 
   def _frame(self, body: Sequence[int], max_len: int) -> list[int]:
     if max_len < 2:
-      raise ValueError(f'max_len must be >= 2 to hold the start and end tokens, got {max_len}')
+      raise ValueError(f"max_len must be >= 2 to hold the start and end tokens, got {max_len}")
     # Truncate the body, never the end token: the models pool at (or attend up to) it.
-    return [self.start_id, *body[:max_len - 2], self.end_id]
+    return [self.start_id, *body[: max_len - 2], self.end_id]
 
   def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns ids int32 [N, max_len] and mask bool [N, max_len] (True = real token)."""
     if isinstance(texts, str):
-      raise TypeError('encode expects a list of texts, got a single str')
+      raise TypeError("encode expects a list of texts, got a single str")
     ids = np.full((len(texts), max_len), self.pad_id, np.int32)
     mask = np.zeros((len(texts), max_len), bool)
     for row, text in enumerate(texts):
       framed = self._frame(self.text_ids(text), max_len)
-      ids[row, :len(framed)] = framed
-      mask[row, :len(framed)] = True
+      ids[row, : len(framed)] = framed
+      mask[row, : len(framed)] = True
     return ids, mask
 
-  def encode_with_word_tags(self, text: str, word_tags: Sequence[int], max_len: int
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def encode_with_word_tags(
+      self, text: str, word_tags: Sequence[int], max_len: int
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encodes one text; returns ids int32 [L], mask bool [L] and per-token tags int32 [L]."""
     words = text.split()
     word_tags = np.asarray(word_tags).reshape(-1)
     if len(words) != len(word_tags):
-      raise ValueError(f'{len(word_tags)} word tags for {len(words)} whitespace-separated '
-                       f'words in text {text[:80]!r}')
+      raise ValueError(
+          f"{len(word_tags)} word tags for {len(words)} whitespace-separated "
+          f"words in text {text[:80]!r}"
+      )
     body, body_tags = [], []
     for word, tag in zip(words, word_tags):
       pieces = self.word_ids(word)
       body.extend(pieces)
       body_tags.extend([int(tag)] * len(pieces))
     framed = self._frame(body, max_len)
-    tags = [0, *body_tags[:max_len - 2], 0]
+    tags = [0, *body_tags[: max_len - 2], 0]
     ids = np.full((max_len,), self.pad_id, np.int32)
     mask = np.zeros((max_len,), bool)
     token_tags = np.zeros((max_len,), np.int32)
-    ids[:len(framed)] = framed
-    mask[:len(framed)] = True
-    token_tags[:len(tags)] = tags
+    ids[: len(framed)] = framed
+    mask[: len(framed)] = True
+    token_tags[: len(tags)] = tags
     return ids, mask, token_tags
 
 
 # ----------------------------------------------------------------------------------------------
 # Word level.
 
-WORD_SPECIALS = ('<pad>', '<unk>', '<start>', '<end>')
+WORD_SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")
 # A word is split into runs of letters/digits and single punctuation marks ("red," -> red ,).
-_WORD_PIECE_RE = re.compile(r'\w+|[^\w\s]')
+_WORD_PIECE_RE = re.compile(r"\w+|[^\w\s]")
 
 
 def split_words(text: str, lowercase: bool = True) -> list[str]:
@@ -107,16 +117,19 @@ def split_words(text: str, lowercase: bool = True) -> list[str]:
   return _WORD_PIECE_RE.findall(text.lower() if lowercase else text)
 
 
-def build_word_vocab(texts: Iterable[str], *, min_count: int = 1, max_size: int | None = None,
-                     lowercase: bool = True) -> list[str]:
+def build_word_vocab(
+    texts: Iterable[str], *, min_count: int = 1, max_size: int | None = None, lowercase: bool = True
+) -> list[str]:
   """Word vocabulary of a corpus: specials first, then tokens by decreasing count (ties: a-z)."""
   counts = collections.Counter()
   for text in texts:
     counts.update(split_words(text, lowercase))
-  words = sorted((w for w, c in counts.items() if c >= min_count and w not in WORD_SPECIALS),
-                 key=lambda w: (-counts[w], w))
+  words = sorted(
+      (w for w, c in counts.items() if c >= min_count and w not in WORD_SPECIALS),
+      key=lambda w: (-counts[w], w),
+  )
   if max_size is not None:
-    words = words[:max(0, max_size - len(WORD_SPECIALS))]
+    words = words[: max(0, max_size - len(WORD_SPECIALS))]
   return [*WORD_SPECIALS, *words]
 
 
@@ -124,14 +137,14 @@ def save_word_vocab(vocab: Sequence[str], path: str) -> None:
   """Writes one token per line (the format read by ``'word:PATH'``)."""
   for token in vocab:
     if not token or any(c.isspace() for c in token):
-      raise ValueError(f'vocabulary token {token!r} is empty or contains whitespace')
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(vocab) + '\n')
+      raise ValueError(f"vocabulary token {token!r} is empty or contains whitespace")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(vocab) + "\n")
 
 
 def load_word_vocab(path: str) -> list[str]:
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\n') for line in f if line.rstrip('\n')]
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f if line.rstrip("\n")]
 
 
 class WordTokenizer(Tokenizer):
@@ -150,7 +163,7 @@ class WordTokenizer(Tokenizer):
     self.id_of = {}
     for token in tokens:
       if token in self.id_of:
-        raise ValueError(f'duplicate vocabulary token {token!r}')
+        raise ValueError(f"duplicate vocabulary token {token!r}")
       self.id_of[token] = len(self.id_of)
     self.tokens = tokens
     self.lowercase = lowercase
@@ -167,14 +180,17 @@ class WordTokenizer(Tokenizer):
 # OpenAI keeps the first 48,894 merges: 512 byte tokens + merges + 2 specials = 49,408 ids.
 CLIP_NUM_MERGES = 49152 - 256 - 2
 _CLIP_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-_CLIP_SPECIALS = ('<|startoftext|>', '<|endoftext|>')
+_CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
 
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2/CLIP map from bytes to printable characters (so BPE never sees raw control bytes)."""
-  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
-               + list(range(ord('®'), ord('ÿ') + 1)))
+  printable = (
+      list(range(ord("!"), ord("~") + 1))
+      + list(range(ord("¡"), ord("¬") + 1))
+      + list(range(ord("®"), ord("ÿ") + 1))
+  )
   chars = printable[:]
   extra = 0
   for b in range(256):
@@ -186,11 +202,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _is_letter(c: str) -> bool:
-  return unicodedata.category(c)[0] == 'L'
+  return unicodedata.category(c)[0] == "L"
 
 
 def _is_number(c: str) -> bool:
-  return unicodedata.category(c)[0] == 'N'
+  return unicodedata.category(c)[0] == "N"
 
 
 def clip_pretokenize(text: str) -> list[str]:
@@ -226,29 +242,29 @@ def clip_pretokenize(text: str) -> list[str]:
 def clip_clean(text: str) -> str:
   """CLIP's basic cleaning without ftfy: HTML unescape, NFC, collapse whitespace, lower-case."""
   text = html.unescape(html.unescape(text))
-  text = unicodedata.normalize('NFC', text)
-  return ' '.join(text.split()).lower()
+  text = unicodedata.normalize("NFC", text)
+  return " ".join(text.split()).lower()
 
 
 class ClipBpeTokenizer(Tokenizer):
   """OpenAI CLIP's tokenizer. Pads with id 0, as OpenAI's and open_clip's ``tokenize`` do."""
 
   def __init__(self, bpe_path: str, *, num_merges: int = CLIP_NUM_MERGES, pad_id: int = 0):
-    opener = gzip.open if bpe_path.endswith('.gz') else open
-    with opener(bpe_path, 'rb') as f:
-      lines = f.read().decode('utf-8').split('\n')
-    merges = [tuple(line.split()) for line in lines[1:num_merges + 1] if line.strip()]
+    opener = gzip.open if bpe_path.endswith(".gz") else open
+    with opener(bpe_path, "rb") as f:
+      lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : num_merges + 1] if line.strip()]
     bad = next((m for m in merges if len(m) != 2), None)
     if bad is not None:
       raise ValueError(f'{bpe_path}: merge line {" ".join(bad)!r} is not a pair of symbols')
     self.byte_encoder = bytes_to_unicode()
     base = list(self.byte_encoder.values())
-    tokens = base + [t + '</w>' for t in base] + [''.join(m) for m in merges] + list(_CLIP_SPECIALS)
+    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges] + list(_CLIP_SPECIALS)
     self.encoder = {t: i for i, t in enumerate(tokens)}
     self.bpe_ranks = {m: i for i, m in enumerate(merges)}
     self.vocab_size = len(tokens)
-    self.start_id = self.encoder['<|startoftext|>']
-    self.end_id = self.encoder['<|endoftext|>']
+    self.start_id = self.encoder["<|startoftext|>"]
+    self.end_id = self.encoder["<|endoftext|>"]
     self.pad_id = pad_id
     self._cache = {s: s for s in _CLIP_SPECIALS}
 
@@ -256,10 +272,10 @@ class ClipBpeTokenizer(Tokenizer):
     """Space-separated BPE symbols of one pre-token (already byte-encoded)."""
     if token in self._cache:
       return self._cache[token]
-    word = tuple(token[:-1]) + (token[-1] + '</w>',)
+    word = tuple(token[:-1]) + (token[-1] + "</w>",)
     while len(word) > 1:
       pairs = set(zip(word[:-1], word[1:]))
-      bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float('inf')))
+      bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
       if bigram not in self.bpe_ranks:
         break
       first, second = bigram
@@ -272,16 +288,16 @@ class ClipBpeTokenizer(Tokenizer):
           merged.append(word[i])
           i += 1
       word = tuple(merged)
-    result = ' '.join(word)
+    result = " ".join(word)
     self._cache[token] = result
     return result
 
   def text_ids(self, text: str) -> list[int]:
     ids = []
     for piece in clip_pretokenize(clip_clean(text)):
-      encoded = ''.join(self.byte_encoder[b] for b in piece.encode('utf-8'))
+      encoded = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
       # Symbols outside a custom vocabulary fall back to <|endoftext|>, the reference's unk.
-      ids.extend(self.encoder.get(s, self.end_id) for s in self.bpe(encoded).split(' '))
+      ids.extend(self.encoder.get(s, self.end_id) for s in self.bpe(encoded).split(" "))
     return ids
 
 
@@ -290,11 +306,11 @@ class ClipBpeTokenizer(Tokenizer):
 
 
 def _is_bert_whitespace(c: str) -> bool:
-  return c in ' \t\n\r' or unicodedata.category(c) == 'Zs'
+  return c in " \t\n\r" or unicodedata.category(c) == "Zs"
 
 
 def _is_bert_control(c: str) -> bool:
-  return c not in '\t\n\r' and unicodedata.category(c).startswith('C')
+  return c not in "\t\n\r" and unicodedata.category(c).startswith("C")
 
 
 def _is_bert_punctuation(c: str) -> bool:
@@ -302,34 +318,44 @@ def _is_bert_punctuation(c: str) -> bool:
   # BERT treats every non-alphanumeric ASCII character as punctuation ("$", "^", "`").
   if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
     return True
-  return unicodedata.category(c).startswith('P')
+  return unicodedata.category(c).startswith("P")
 
 
 def _is_cjk(cp: int) -> bool:
-  return any(lo <= cp <= hi for lo, hi in (
-      (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-      (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+  return any(
+      lo <= cp <= hi
+      for lo, hi in (
+          (0x4E00, 0x9FFF),
+          (0x3400, 0x4DBF),
+          (0x20000, 0x2A6DF),
+          (0x2A700, 0x2B73F),
+          (0x2B740, 0x2B81F),
+          (0x2B820, 0x2CEAF),
+          (0xF900, 0xFAFF),
+          (0x2F800, 0x2FA1F),
+      )
+  )
 
 
 class WordPieceTokenizer(Tokenizer):
   """BERT's uncased tokenizer: basic tokenization, then greedy longest-match-first WordPiece."""
 
   def __init__(self, vocab_path: str, *, lowercase: bool = True, max_chars_per_word: int = 100):
-    with open(vocab_path, encoding='utf-8') as f:
-      tokens = [line.rstrip('\n') for line in f]
+    with open(vocab_path, encoding="utf-8") as f:
+      tokens = [line.rstrip("\n") for line in f]
     while tokens and not tokens[-1]:
       tokens.pop()
     self.vocab = {t: i for i, t in enumerate(tokens)}
-    missing = [t for t in ('[PAD]', '[UNK]', '[CLS]', '[SEP]') if t not in self.vocab]
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in self.vocab]
     if missing:
-      raise ValueError(f'{vocab_path}: vocabulary lacks the special tokens {missing}')
+      raise ValueError(f"{vocab_path}: vocabulary lacks the special tokens {missing}")
     self.lowercase = lowercase
     self.max_chars_per_word = max_chars_per_word
     self.vocab_size = len(tokens)
-    self.pad_id = self.vocab['[PAD]']
-    self.unk_id = self.vocab['[UNK]']
-    self.start_id = self.vocab['[CLS]']
-    self.end_id = self.vocab['[SEP]']
+    self.pad_id = self.vocab["[PAD]"]
+    self.unk_id = self.vocab["[UNK]"]
+    self.start_id = self.vocab["[CLS]"]
+    self.end_id = self.vocab["[SEP]"]
 
   def basic_tokens(self, text: str) -> list[str]:
     chars = []
@@ -338,24 +364,24 @@ class WordPieceTokenizer(Tokenizer):
       if cp == 0 or cp == 0xFFFD or _is_bert_control(c):
         continue
       if _is_bert_whitespace(c):
-        chars.append(' ')
+        chars.append(" ")
       elif _is_cjk(cp):
-        chars.extend((' ', c, ' '))  # every CJK character is its own word
+        chars.extend((" ", c, " "))  # every CJK character is its own word
       else:
         chars.append(c)
-    text = unicodedata.normalize('NFC', ''.join(chars))
+    text = unicodedata.normalize("NFC", "".join(chars))
     tokens = []
     for word in text.split():
       if self.lowercase:
-        word = unicodedata.normalize('NFD', word.lower())
-        word = ''.join(c for c in word if unicodedata.category(c) != 'Mn')
-      current = ''
+        word = unicodedata.normalize("NFD", word.lower())
+        word = "".join(c for c in word if unicodedata.category(c) != "Mn")
+      current = ""
       for c in word:
         if _is_bert_punctuation(c):
           if current:
             tokens.append(current)
           tokens.append(c)
-          current = ''
+          current = ""
         else:
           current += c
       if current:
@@ -369,7 +395,7 @@ class WordPieceTokenizer(Tokenizer):
     while start < len(token):
       end = len(token)
       while end > start:
-        piece = token[start:end] if start == 0 else '##' + token[start:end]
+        piece = token[start:end] if start == 0 else "##" + token[start:end]
         if piece in self.vocab:
           ids.append(self.vocab[piece])
           break
@@ -386,25 +412,33 @@ class WordPieceTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------------------------
 
 
-def get_tokenizer(spec: str, *, dataset: str | None = None, data_dir: str | None = None
-                  ) -> Tokenizer:
+def get_tokenizer(
+    spec: str, *, dataset: str | None = None, data_dir: str | None = None
+) -> Tokenizer:
   """Builds the tokenizer named by ``spec`` (see the module docstring)."""
-  kind, _, path = spec.partition(':')
-  if kind == 'world':
+  kind, _, path = spec.partition(":")
+  if kind == "world":
     if dataset is None:
       raise ValueError("tokenizer 'world' needs the dataset whose metadata holds the vocabulary")
     from mmret.data import sources  # pylint: disable=import-outside-toplevel
+
     metadata = sources.dataset_metadata(dataset, data_dir)
-    if 'vocab' not in metadata:
-      raise ValueError(f'dataset {dataset!r} has no "vocab" in its metadata '
-                       f'(keys: {sorted(metadata)}); use a word:/bpe:/wordpiece: tokenizer')
-    return WordTokenizer(list(metadata['vocab']))
-  builders = {'word': lambda p: WordTokenizer(load_word_vocab(p)), 'bpe': ClipBpeTokenizer,
-              'wordpiece': WordPieceTokenizer}
+    if "vocab" not in metadata:
+      raise ValueError(
+          f'dataset {dataset!r} has no "vocab" in its metadata '
+          f"(keys: {sorted(metadata)}); use a word:/bpe:/wordpiece: tokenizer"
+      )
+    return WordTokenizer(list(metadata["vocab"]))
+  builders = {
+      "word": lambda p: WordTokenizer(load_word_vocab(p)),
+      "bpe": ClipBpeTokenizer,
+      "wordpiece": WordPieceTokenizer,
+  }
   if kind not in builders or not path:
-    raise ValueError(f'unknown tokenizer spec {spec!r}; expected world, word:PATH, bpe:PATH '
-                     'or wordpiece:PATH')
+    raise ValueError(
+        f"unknown tokenizer spec {spec!r}; expected world, word:PATH, bpe:PATH " "or wordpiece:PATH"
+    )
   path = os.path.expanduser(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'tokenizer {spec!r}: no file at {path}')
+    raise FileNotFoundError(f"tokenizer {spec!r}: no file at {path}")
   return builders[kind](path)

@@ -4,6 +4,7 @@
 registered by protocol type in ``mmret.evals.registry`` (``caption5``, ``retrieval``, ``mm2mm``,
 ``mmeb``, defined in ``mmret.evals.protocols``).
 """
+
 from mmret.evals.registry import get, names, register
 from mmret.evals.runner import run_evals
 

@@ -6,6 +6,7 @@ int32 [B] (position of the row's item in ``items``, -1 on padding). Each batch i
 mesh of this process's devices; processes embed their own shards and the results are gathered
 with ``process_allgather`` and put back in item order.
 """
+
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,8 +31,12 @@ def embedding_key(modality: str) -> str:
 
 def local_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh over this process's devices (embedding needs no cross-process collectives)."""
-  return jax.make_mesh((jax.local_device_count(),), (MESH_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
+  return jax.make_mesh(
+      (jax.local_device_count(),),
+      (MESH_AXIS,),
+      axis_types=(jax.sharding.AxisType.Auto,),
+      devices=jax.local_devices(),
+  )
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,8 +46,10 @@ def _jitted_embedding(predict_fn: PredictFn, key: str):
   def embed(params, batch):
     outputs = predict_fn(params, batch)
     if key not in outputs:
-      raise KeyError(f"the model returned no {key!r} (outputs: {sorted(outputs)}); "
-                     f"check that the batch carries the inputs of this modality")
+      raise KeyError(
+          f"the model returned no {key!r} (outputs: {sorted(outputs)}); "
+          f"check that the batch carries the inputs of this modality"
+      )
     return outputs[key]
 
   return jax.jit(embed)
@@ -76,15 +83,23 @@ def _pad_rows(batch: dict, multiple: int) -> dict:
 
 def _default_batches_fn():
   from mmret.data import pipeline  # The data package owns decoding and tokenisation.
+
   return pipeline.eval_batches
 
 
-def embed_items(predict_fn: PredictFn, items: Sequence[dict], modality: str, *,
-                input_cfg: Any, batch_size: int, params: Any = None,
-                mesh: Optional[jax.sharding.Mesh] = None,
-                batches_fn: Optional[Callable] = None,
-                process_index: Optional[int] = None,
-                process_count: Optional[int] = None) -> np.ndarray:
+def embed_items(
+    predict_fn: PredictFn,
+    items: Sequence[dict],
+    modality: str,
+    *,
+    input_cfg: Any,
+    batch_size: int,
+    params: Any = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    batches_fn: Optional[Callable] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> np.ndarray:
   """Embeds ``items`` with the output of ``modality`` and returns [len(items), d] in item order.
 
   Args:
@@ -106,8 +121,13 @@ def embed_items(predict_fn: PredictFn, items: Sequence[dict], modality: str, *,
   params = _replicate(params, mesh)
   row_sharding = NamedSharding(mesh, P(MESH_AXIS))
   chunks, chunk_indices = [], []
-  for batch in batches_fn(items, input_cfg=input_cfg, batch_size=batch_size,
-                          process_index=process_index, process_count=process_count):
+  for batch in batches_fn(
+      items,
+      input_cfg=input_cfg,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+  ):
     for required in ("valid", "index"):
       if required not in batch:
         raise KeyError(f"eval batch lacks {required!r} (keys: {sorted(batch)})")
@@ -115,8 +135,11 @@ def embed_items(predict_fn: PredictFn, items: Sequence[dict], modality: str, *,
     valid = np.asarray(batch.pop("valid"), bool)
     index = np.asarray(batch.pop("index"), np.int64)
     # Only numeric arrays go to the devices (a batch may also carry ids or raw strings).
-    inputs = {name: value for name, value in batch.items()
-              if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"}
+    inputs = {
+        name: value
+        for name, value in batch.items()
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+    }
     inputs = jax.device_put(inputs, row_sharding)
     inputs["valid"] = jax.device_put(valid, row_sharding)
     # Blocking here (np.asarray) keeps one program in flight, which also avoids the CPU
@@ -139,14 +162,16 @@ def _gather_processes(z: np.ndarray, index: np.ndarray, process_count: int):
   widths = np.asarray(multihost_utils.process_allgather(np.int64(z.shape[1]))).reshape(-1)
   longest, width = int(counts.max()), int(widths.max())
   padded_z = np.zeros((longest, width), np.float32)
-  padded_z[:len(z), :z.shape[1]] = z
+  padded_z[: len(z), : z.shape[1]] = z
   padded_index = np.full((longest,), -1, np.int64)
-  padded_index[:len(index)] = index
+  padded_index[: len(index)] = index
   gathered_z = np.asarray(multihost_utils.process_allgather(padded_z))
   gathered_index = np.asarray(multihost_utils.process_allgather(padded_index))
   keep = [slice(0, int(c)) for c in counts]
-  return (np.concatenate([g[s] for g, s in zip(gathered_z, keep)]),
-          np.concatenate([g[s] for g, s in zip(gathered_index, keep)]))
+  return (
+      np.concatenate([g[s] for g, s in zip(gathered_z, keep)]),
+      np.concatenate([g[s] for g, s in zip(gathered_index, keep)]),
+  )
 
 
 def _restore_order(z: np.ndarray, index: np.ndarray, num_items: int) -> np.ndarray:
@@ -159,8 +184,10 @@ def _restore_order(z: np.ndarray, index: np.ndarray, num_items: int) -> np.ndarr
   if (counts != 1).any():
     missing = np.flatnonzero(counts == 0)[:5].tolist()
     repeated = np.flatnonzero(counts > 1)[:5].tolist()
-    raise ValueError(f"eval batches must return every item once; missing items {missing}, "
-                     f"repeated items {repeated} (first five of each)")
+    raise ValueError(
+        f"eval batches must return every item once; missing items {missing}, "
+        f"repeated items {repeated} (first five of each)"
+    )
   ordered = np.empty((num_items, z.shape[1]), np.float32)
   ordered[index] = z
   return ordered

@@ -9,6 +9,7 @@ Conventions
 - Metrics that compare two scores directly (MM2MM Precision, MMEB Hit@1) count a tie as a miss.
 - Recall, precision and hit rates are reported in percent.
 """
+
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -28,8 +29,9 @@ def _query_name(query_ids, i) -> str:
   return repr(query_ids[i]) if query_ids is not None else f"#{i}"
 
 
-def _positive_matrix(positives: Sequence[Iterable[int]], num_queries: int, query_ids,
-                     num_candidates: Optional[int]) -> np.ndarray:
+def _positive_matrix(
+    positives: Sequence[Iterable[int]], num_queries: int, query_ids, num_candidates: Optional[int]
+) -> np.ndarray:
   """Pads per-query positive lists into a [Q, P] int matrix (-1 = padding), checking them."""
   if len(positives) != num_queries:
     raise ValueError(f"got {len(positives)} positive lists for {num_queries} queries")
@@ -38,18 +40,25 @@ def _positive_matrix(positives: Sequence[Iterable[int]], num_queries: int, query
     if p.size == 0:
       raise ValueError(f"query {_query_name(query_ids, i)} has no positive candidate")
     if p.min() < 0 or (num_candidates is not None and p.max() >= num_candidates):
-      raise ValueError(f"query {_query_name(query_ids, i)} has a positive outside the pool "
-                       f"of {num_candidates} candidates: {p.tolist()}")
+      raise ValueError(
+          f"query {_query_name(query_ids, i)} has a positive outside the pool "
+          f"of {num_candidates} candidates: {p.tolist()}"
+      )
   width = max((p.size for p in lists), default=1)
   matrix = np.full((num_queries, width), -1, np.int64)
   for i, p in enumerate(lists):
-    matrix[i, :p.size] = p
+    matrix[i, : p.size] = p
   return matrix
 
 
-def first_positive_rank(ranked, positives: Sequence[Iterable[int]], *,
-                        query_ids: Optional[Sequence[str]] = None,
-                        num_candidates: Optional[int] = None, chunk: int = 4096) -> np.ndarray:
+def first_positive_rank(
+    ranked,
+    positives: Sequence[Iterable[int]],
+    *,
+    query_ids: Optional[Sequence[str]] = None,
+    num_candidates: Optional[int] = None,
+    chunk: int = 4096,
+) -> np.ndarray:
   """1-based rank of each query's best-ranked positive in its ranked list (0 if absent).
 
   Args:
@@ -64,12 +73,12 @@ def first_positive_rank(ranked, positives: Sequence[Iterable[int]], *,
   pos = _positive_matrix(positives, ranked.shape[0], query_ids, num_candidates)
   ranks = np.zeros(ranked.shape[0], np.int64)
   for start in range(0, ranked.shape[0], chunk):
-    r, p = ranked[start:start + chunk], pos[start:start + chunk]
+    r, p = ranked[start : start + chunk], pos[start : start + chunk]
     # hits[q, j]: the j-th result of query q is one of its positives. Negative entries (padding
     # of positive lists, or of a short approximate result) never count.
     hits = (r[:, :, None] == p[:, None, :]).any(axis=-1) & (r >= 0)
     found = hits.any(axis=1)
-    ranks[start:start + chunk] = np.where(found, hits.argmax(axis=1) + 1, NOT_FOUND)
+    ranks[start : start + chunk] = np.where(found, hits.argmax(axis=1) + 1, NOT_FOUND)
   return ranks
 
 
@@ -87,9 +96,14 @@ def recall_at_ks(ranks, ks: Sequence[int]) -> dict[int, float]:
   return {int(k): 100.0 * float(hits_at(ranks, k).mean()) for k in ks}
 
 
-def image_text_recall(i2t_ranked, t2i_ranked, caption_image, *,
-                      ks: Sequence[int] = (1, 5, 10),
-                      image_ids: Optional[Sequence[str]] = None) -> dict[str, float]:
+def image_text_recall(
+    i2t_ranked,
+    t2i_ranked,
+    caption_image,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    image_ids: Optional[Sequence[str]] = None,
+) -> dict[str, float]:
   """Flickr/COCO image<->text retrieval with several captions per image.
 
   Args:
@@ -108,8 +122,9 @@ def image_text_recall(i2t_ranked, t2i_ranked, caption_image, *,
     if not 0 <= image < num_images:
       raise ValueError(f"caption #{caption} points to image {image}, outside 0..{num_images - 1}")
     captions_of[image].append(caption)
-  i2t_ranks = first_positive_rank(i2t_ranked, captions_of, query_ids=image_ids,
-                                  num_candidates=caption_image.size)
+  i2t_ranks = first_positive_rank(
+      i2t_ranked, captions_of, query_ids=image_ids, num_candidates=caption_image.size
+  )
   t2i_ranks = first_positive_rank(t2i_ranked, caption_image[:, None], num_candidates=num_images)
   metrics = {}
   for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
@@ -129,10 +144,17 @@ def pair_precision(positive_scores, negative_scores) -> float:
   return 100.0 * float(np.mean(positive_scores > negative_scores))
 
 
-def mm2mm_metrics(ranked, positives, positive_scores, negative_scores,
-                  negative_kinds: Optional[Sequence[str]] = None, *,
-                  ks: Sequence[int] = (1, 5, 10), query_ids: Optional[Sequence[str]] = None,
-                  num_candidates: Optional[int] = None) -> dict[str, float]:
+def mm2mm_metrics(
+    ranked,
+    positives,
+    positive_scores,
+    negative_scores,
+    negative_kinds: Optional[Sequence[str]] = None,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    query_ids: Optional[Sequence[str]] = None,
+    num_candidates: Optional[int] = None,
+) -> dict[str, float]:
   """MM2MM (SOLAR) metrics: Recall@k, mR, Precision, Avg, and Precision per negative kind.
 
   Args:
@@ -147,30 +169,34 @@ def mm2mm_metrics(ranked, positives, positive_scores, negative_scores,
     sim(anchor, positive) > sim(anchor, negative)), ``avg`` = (mR + precision) / 2 and
     ``precision/<kind>`` for each kind present.
   """
-  ranks = first_positive_rank(ranked, positives, query_ids=query_ids,
-                              num_candidates=num_candidates)
+  ranks = first_positive_rank(ranked, positives, query_ids=query_ids, num_candidates=num_candidates)
   metrics = {f"recall@{k}": v for k, v in recall_at_ks(ranks, ks).items()}
   metrics["mR"] = float(np.mean([metrics[f"recall@{k}"] for k in ks]))
   positive_scores = np.asarray(positive_scores, np.float64)
   negative_scores = np.asarray(negative_scores, np.float64)
   if positive_scores.shape != ranks.shape or negative_scores.shape != ranks.shape:
-    raise ValueError(f"positive_scores {positive_scores.shape} and negative_scores "
-                     f"{negative_scores.shape} must both be [{ranks.size}]")
+    raise ValueError(
+        f"positive_scores {positive_scores.shape} and negative_scores "
+        f"{negative_scores.shape} must both be [{ranks.size}]"
+    )
   has_negative = ~np.isnan(negative_scores)
-  metrics["precision"] = pair_precision(positive_scores[has_negative],
-                                        negative_scores[has_negative])
+  metrics["precision"] = pair_precision(
+      positive_scores[has_negative], negative_scores[has_negative]
+  )
   metrics["avg"] = (metrics["mR"] + metrics["precision"]) / 2
   if negative_kinds is not None:
     kinds = np.asarray([str(kind) for kind in negative_kinds])
     for kind in sorted(set(kinds[has_negative].tolist()) - {""}):
       chosen = has_negative & (kinds == kind)
-      metrics[f"precision/{kind}"] = pair_precision(positive_scores[chosen],
-                                                    negative_scores[chosen])
+      metrics[f"precision/{kind}"] = pair_precision(
+          positive_scores[chosen], negative_scores[chosen]
+      )
   return metrics
 
 
-def own_list_hit_at_1(candidate_scores: Sequence[np.ndarray], *,
-                      query_ids: Optional[Sequence[str]] = None) -> np.ndarray:
+def own_list_hit_at_1(
+    candidate_scores: Sequence[np.ndarray], *, query_ids: Optional[Sequence[str]] = None
+) -> np.ndarray:
   """MMEB Hit@1 per query: its first listed candidate (the correct one) scores strictly highest.
 
   Args:

@@ -11,6 +11,7 @@ for the pairs i-t, i-it and t-it (i = image, t = text, it = image+text, the mode
 A record contributes to every modality whose inputs it carries: its image (non-empty bytes), its
 text (non-empty), and the image+text pair when it has both.
 """
+
 import itertools
 from typing import Mapping, Optional
 
@@ -57,14 +58,17 @@ def centroid_gap(embeddings: Mapping[str, np.ndarray]) -> dict[str, float]:
 def _text_field(record: dict, text_field: Optional[str]) -> str:
   if text_field is not None:
     if text_field not in record:
-      raise KeyError(f"modality_gap: records have no text field {text_field!r} "
-                     f"(fields: {sorted(record)})")
+      raise KeyError(
+          f"modality_gap: records have no text field {text_field!r} " f"(fields: {sorted(record)})"
+      )
     return text_field
   for name in TEXT_FIELDS:
     if name in record:
       return name
-  raise KeyError(f"modality_gap: records have none of the text fields {TEXT_FIELDS} "
-                 f"(fields: {sorted(record)}); set the evaluation's text_field")
+  raise KeyError(
+      f"modality_gap: records have none of the text fields {TEXT_FIELDS} "
+      f"(fields: {sorted(record)}); set the evaluation's text_field"
+  )
 
 
 class _Records:
@@ -88,9 +92,19 @@ class _Records:
 
 
 @register("modality_gap", data="records")
-def evaluate_modality_gap(predict_fn, *, data, input_cfg, workdir=None, params=None,
-                          batch_size: int = 64, max_records: Optional[int] = None,
-                          text_field: Optional[str] = None, batches_fn=None, mesh=None) -> dict:
+def evaluate_modality_gap(
+    predict_fn,
+    *,
+    data,
+    input_cfg,
+    workdir=None,
+    params=None,
+    batch_size: int = 64,
+    max_records: Optional[int] = None,
+    text_field: Optional[str] = None,
+    batches_fn=None,
+    mesh=None,
+) -> dict:
   """Centroid cosine similarity and distance between the i, t and it embeddings of ``data``.
 
   Args:
@@ -111,16 +125,22 @@ def evaluate_modality_gap(predict_fn, *, data, input_cfg, workdir=None, params=N
     has_image.append(len(record.get("image", b"") or b"") > 0)
     has_text.append(bool(protocols._text(record.get(field, "")).strip()))
   has_image, has_text = np.asarray(has_image), np.asarray(has_text)
-  rows = {"i": np.flatnonzero(has_image), "t": np.flatnonzero(has_text),
-          "it": np.flatnonzero(has_image & has_text)}
+  rows = {
+      "i": np.flatnonzero(has_image),
+      "t": np.flatnonzero(has_text),
+      "it": np.flatnonzero(has_image & has_text),
+  }
   for name, selected in rows.items():
     if selected.size == 0:
-      raise ValueError(f"modality_gap: no record among the first {num} carries the "
-                       f"{MODALITIES[name]!r} inputs")
+      raise ValueError(
+          f"modality_gap: no record among the first {num} carries the "
+          f"{MODALITIES[name]!r} inputs"
+      )
   embedder = protocols._Embedder(predict_fn, input_cfg, batch_size, params, batches_fn, mesh)
-  embeddings = {name: embedder.items(_Records(records, rows[name], MODALITIES[name], field),
-                                     MODALITIES[name])
-                for name in MODALITIES}
+  embeddings = {
+      name: embedder.items(_Records(records, rows[name], MODALITIES[name], field), MODALITIES[name])
+      for name in MODALITIES
+  }
   results = centroid_gap(embeddings)
   results.update({f"count/{name}": float(rows[name].size) for name in MODALITIES})
   return results

@@ -12,6 +12,7 @@ directory. Metrics are in percent; ranking and tie rules are those of ``mmret.ev
 ScaNN searches a pool, its recall@k against exact search on a sample of queries is reported as
 ``.../scann_recall@k``.
 """
+
 import collections
 import collections.abc
 import dataclasses
@@ -27,9 +28,9 @@ from mmret.evals import search as search_lib
 from mmret.evals.embed import EMBEDDING_KEYS, embed_items
 from mmret.evals.registry import register
 
-
 # ---------------------------------------------------------------------------------------------
 # Records.
+
 
 def _text(value) -> str:
   if isinstance(value, bytes):
@@ -70,8 +71,9 @@ def _read_fields(records: Sequence[dict], fields: dict[str, Callable], what: str
 def _check_modalities(modalities: Sequence[str], ids: Sequence[str], what: str):
   for modality, record_id in zip(modalities, ids):
     if modality not in EMBEDDING_KEYS:
-      raise ValueError(f"{what} {record_id!r}: modality {modality!r} is not one of "
-                       f"{sorted(EMBEDDING_KEYS)}")
+      raise ValueError(
+          f"{what} {record_id!r}: modality {modality!r} is not one of " f"{sorted(EMBEDDING_KEYS)}"
+      )
 
 
 def _with_instruction(instruction: str, text: str) -> str:
@@ -81,8 +83,9 @@ def _with_instruction(instruction: str, text: str) -> str:
 class _Items(collections.abc.Sequence):
   """Lazy view of ``records[rows]`` as embedding items holding only ``modality``'s inputs."""
 
-  def __init__(self, records, rows: Sequence[int], modality: str,
-               texts: Optional[Sequence[str]] = None):
+  def __init__(
+      self, records, rows: Sequence[int], modality: str, texts: Optional[Sequence[str]] = None
+  ):
     self.records, self.rows, self.texts = records, list(rows), texts
     self.parts = set(modality.split(","))
 
@@ -102,6 +105,7 @@ class _Items(collections.abc.Sequence):
 @dataclasses.dataclass
 class _Embedder:
   """Binds the embedding-pass options shared by all evaluators."""
+
   predict_fn: Callable
   input_cfg: Any
   batch_size: int
@@ -110,12 +114,20 @@ class _Embedder:
   mesh: Any = None
 
   def items(self, items: Sequence[dict], modality: str) -> np.ndarray:
-    return embed_items(self.predict_fn, items, modality, input_cfg=self.input_cfg,
-                       batch_size=self.batch_size, params=self.params,
-                       batches_fn=self.batches_fn, mesh=self.mesh)
+    return embed_items(
+        self.predict_fn,
+        items,
+        modality,
+        input_cfg=self.input_cfg,
+        batch_size=self.batch_size,
+        params=self.params,
+        batches_fn=self.batches_fn,
+        mesh=self.mesh,
+    )
 
-  def records(self, records, modalities: Sequence[str],
-              texts: Optional[Sequence[str]] = None) -> np.ndarray:
+  def records(
+      self, records, modalities: Sequence[str], texts: Optional[Sequence[str]] = None
+  ) -> np.ndarray:
     """Embeds every record with its own modality; returns [len(records), d] in record order."""
     rows_by_modality = collections.defaultdict(list)
     for row, modality in enumerate(modalities):
@@ -149,16 +161,29 @@ def _positions(ids: Sequence[str], what: str) -> dict[str, int]:
   return positions
 
 
-def write_rankings(workdir: Optional[str], filename: str, query_ids: Sequence[str],
-                   ranked_ids: Sequence[Sequence[str]], ranked_scores: Sequence[Sequence[float]]):
+def write_rankings(
+    workdir: Optional[str],
+    filename: str,
+    query_ids: Sequence[str],
+    ranked_ids: Sequence[Sequence[str]],
+    ranked_scores: Sequence[Sequence[float]],
+):
   """Writes one JSON line per query: ``{query_id, candidate_ids, scores}`` (process 0 only)."""
   if workdir is None or jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, filename), "w") as f:
     for query_id, ids, scores in zip(query_ids, ranked_ids, ranked_scores):
-      f.write(json.dumps({"query_id": query_id, "candidate_ids": [str(i) for i in ids],
-                          "scores": [round(float(x), 6) for x in scores]}) + "\n")
+      f.write(
+          json.dumps(
+              {
+                  "query_id": query_id,
+                  "candidate_ids": [str(i) for i in ids],
+                  "scores": [round(float(x), 6) for x in scores],
+              }
+          )
+          + "\n"
+      )
 
 
 def _ranked_lists(ids: Sequence[str], result: search_lib.SearchResult):
@@ -171,8 +196,12 @@ def _ranked_lists(ids: Sequence[str], result: search_lib.SearchResult):
   return ranked_ids, ranked_scores
 
 
-def _positives_in_pool(positives: Sequence[Sequence[int]], pool_rows: np.ndarray,
-                       query_ids: Sequence[str], pool_name: str) -> list[list[int]]:
+def _positives_in_pool(
+    positives: Sequence[Sequence[int]],
+    pool_rows: np.ndarray,
+    query_ids: Sequence[str],
+    pool_name: str,
+) -> list[list[int]]:
   """Maps positives (candidate rows) to positions within ``pool_rows``; each query keeps one."""
   position_in_pool = {int(row): i for i, row in enumerate(pool_rows)}
   out = []
@@ -199,11 +228,23 @@ def _positive_positions(query_ids, positive_ids, candidate_position) -> list[lis
 # ---------------------------------------------------------------------------------------------
 # caption5: Flickr30K / COCO image<->text retrieval.
 
+
 @register("caption5", data="records")
-def evaluate_caption5(predict_fn, *, data, input_cfg, workdir=None, params=None,
-                      batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
-                      fold_size: Optional[int] = None, search: Optional[dict] = None,
-                      save_rankings: bool = False, batches_fn=None, mesh=None) -> dict:
+def evaluate_caption5(
+    predict_fn,
+    *,
+    data,
+    input_cfg,
+    workdir=None,
+    params=None,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+    fold_size: Optional[int] = None,
+    search: Optional[dict] = None,
+    save_rankings: bool = False,
+    batches_fn=None,
+    mesh=None,
+) -> dict:
   """Image<->text recall over records ``{id, image, captions}`` (any number of captions each).
 
   ``fold_size`` (COCO-1K: 1000) adds ``folds/...``: the mean over consecutive folds of that many
@@ -230,16 +271,19 @@ def evaluate_caption5(predict_fn, *, data, input_cfg, workdir=None, params=None,
     fold_caption_image = np.searchsorted(image_rows, caption_image[in_fold])
     i2t = _search(image_z[image_rows], fold_text_z, top, search)
     t2i = _search(fold_text_z, image_z[image_rows], top, search)
-    out = metrics_lib.image_text_recall(i2t.indices, t2i.indices, fold_caption_image, ks=ks,
-                                        image_ids=[columns["id"][r] for r in image_rows])
+    out = metrics_lib.image_text_recall(
+        i2t.indices,
+        t2i.indices,
+        fold_caption_image,
+        ks=ks,
+        image_ids=[columns["id"][r] for r in image_rows],
+    )
     out.update(_scann_metrics(i2t, "i2t/", top))
     out.update(_scann_metrics(t2i, "t2i/", top))
     if save_rankings and not prefix:
       caption_ids = [item["id"] for item in captions]
-      write_rankings(workdir, "rankings_i2t.jsonl", columns["id"],
-                     *_ranked_lists(caption_ids, i2t))
-      write_rankings(workdir, "rankings_t2i.jsonl", caption_ids,
-                     *_ranked_lists(columns["id"], t2i))
+      write_rankings(workdir, "rankings_i2t.jsonl", columns["id"], *_ranked_lists(caption_ids, i2t))
+      write_rankings(workdir, "rankings_t2i.jsonl", caption_ids, *_ranked_lists(columns["id"], t2i))
     return {prefix + key: value for key, value in out.items()}
 
   results = score(np.arange(len(records)), "")
@@ -247,14 +291,16 @@ def evaluate_caption5(predict_fn, *, data, input_cfg, workdir=None, params=None,
     num_folds = len(records) // fold_size
     if num_folds == 0:
       raise ValueError(f"fold_size={fold_size} exceeds the {len(records)} images")
-    folds = [score(np.arange(f * fold_size, (f + 1) * fold_size), "folds/")
-             for f in range(num_folds)]
+    folds = [
+        score(np.arange(f * fold_size, (f + 1) * fold_size), "folds/") for f in range(num_folds)
+    ]
     results.update({key: float(np.mean([fold[key] for fold in folds])) for key in folds[0]})
   return results
 
 
 # ---------------------------------------------------------------------------------------------
 # retrieval: M-BEIR style, local pools and the global pool.
+
 
 def _query_columns(queries, use_instruction: bool, extra: dict) -> dict:
   fields = {"id": _text, "modality": _text, "text": _text, "task": _text}
@@ -266,7 +312,9 @@ def _query_columns(queries, use_instruction: bool, extra: dict) -> dict:
   columns["task"] = [task or "all" for task in columns["task"]]
   columns["query_text"] = (
       [_with_instruction(i, t) for i, t in zip(columns["instruction"], columns["text"])]
-      if use_instruction else columns["text"])
+      if use_instruction
+      else columns["text"]
+  )
   return columns
 
 
@@ -277,12 +325,24 @@ def _candidate_columns(candidates, extra: dict) -> dict:
 
 
 @register("retrieval", data="queries_candidates")
-def evaluate_retrieval(predict_fn, *, data, input_cfg, workdir=None, params=None,
-                       batch_size: int = 64, ks: Sequence[int] = (1, 5, 10, 50),
-                       recall_k: int = 5, recall_k_by_pool: Optional[dict] = None,
-                       pools: Sequence[str] = ("local", "global"), use_instruction: bool = False,
-                       search: Optional[dict] = None, save_rankings: bool = False,
-                       batches_fn=None, mesh=None) -> dict:
+def evaluate_retrieval(
+    predict_fn,
+    *,
+    data,
+    input_cfg,
+    workdir=None,
+    params=None,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10, 50),
+    recall_k: int = 5,
+    recall_k_by_pool: Optional[dict] = None,
+    pools: Sequence[str] = ("local", "global"),
+    use_instruction: bool = False,
+    search: Optional[dict] = None,
+    save_rankings: bool = False,
+    batches_fn=None,
+    mesh=None,
+) -> dict:
   """M-BEIR hit-style recall, per task, in each query's local pool and/or the global pool.
 
   Args:
@@ -309,8 +369,10 @@ def evaluate_retrieval(predict_fn, *, data, input_cfg, workdir=None, params=None
   for query_id, task, pool in zip(q["id"], q["task"], q["pool"]):
     k = int(recall_k_by_pool.get(pool, recall_k))
     if task_k.setdefault(task, k) != k:
-      raise ValueError(f"task {task!r} mixes pools scored at Recall@{task_k[task]} and "
-                       f"Recall@{k} (query {query_id!r}, pool {pool!r})")
+      raise ValueError(
+          f"task {task!r} mixes pools scored at Recall@{task_k[task]} and "
+          f"Recall@{k} (query {query_id!r}, pool {pool!r})"
+      )
   all_ks = sorted(set(int(k) for k in ks) | set(task_k.values()))
   top = max(all_ks)
 
@@ -325,17 +387,30 @@ def evaluate_retrieval(predict_fn, *, data, input_cfg, workdir=None, params=None
     if kind == "global":
       groups = [("global/", np.arange(len(q["id"])), np.arange(len(c["id"])))]
     else:
-      groups = [(f"local/{pool}/", np.flatnonzero(np.asarray(q["pool"]) == pool),
-                 np.flatnonzero(np.asarray(c["pool"]) == pool)) for pool in sorted(set(q["pool"]))]
+      groups = [
+          (
+              f"local/{pool}/",
+              np.flatnonzero(np.asarray(q["pool"]) == pool),
+              np.flatnonzero(np.asarray(c["pool"]) == pool),
+          )
+          for pool in sorted(set(q["pool"]))
+      ]
     for prefix, query_rows, pool_rows in groups:
       if pool_rows.size == 0:
         raise ValueError(f"{prefix[:-1]}: the pool has no candidates")
-      local_positives = _positives_in_pool([positives[r] for r in query_rows], pool_rows,
-                                           [q["id"][r] for r in query_rows], prefix[:-1])
+      local_positives = _positives_in_pool(
+          [positives[r] for r in query_rows],
+          pool_rows,
+          [q["id"][r] for r in query_rows],
+          prefix[:-1],
+      )
       result = _search(query_z[query_rows], candidate_z[pool_rows], top, search)
       ranks[query_rows] = metrics_lib.first_positive_rank(
-          result.indices, local_positives, query_ids=[q["id"][r] for r in query_rows],
-          num_candidates=pool_rows.size)
+          result.indices,
+          local_positives,
+          query_ids=[q["id"][r] for r in query_rows],
+          num_candidates=pool_rows.size,
+      )
       results.update(_scann_metrics(result, prefix, top))
       pool_ids = [c["id"][r] for r in pool_rows]
       for row, ids, scores in zip(query_rows, *_ranked_lists(pool_ids, result)):
@@ -356,6 +431,7 @@ def evaluate_retrieval(predict_fn, *, data, input_cfg, workdir=None, params=None
 # ---------------------------------------------------------------------------------------------
 # mm2mm: SOLAR's triplet protocol in a pool of image+text pairs.
 
+
 def _drop_self(indices: np.ndarray, scores: np.ndarray, self_position: np.ndarray, k: int):
   """Removes each query's own candidate (if present) from its ranked list and keeps k entries."""
   kept_indices = np.empty((indices.shape[0], k), np.int64)
@@ -367,11 +443,22 @@ def _drop_self(indices: np.ndarray, scores: np.ndarray, self_position: np.ndarra
 
 
 @register("mm2mm", data="queries_candidates")
-def evaluate_mm2mm(predict_fn, *, data, input_cfg, workdir=None, params=None,
-                   batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
-                   use_instruction: bool = False, exclude_self: bool = True,
-                   search: Optional[dict] = None, save_rankings: bool = False,
-                   batches_fn=None, mesh=None) -> dict:
+def evaluate_mm2mm(
+    predict_fn,
+    *,
+    data,
+    input_cfg,
+    workdir=None,
+    params=None,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+    use_instruction: bool = False,
+    exclude_self: bool = True,
+    search: Optional[dict] = None,
+    save_rankings: bool = False,
+    batches_fn=None,
+    mesh=None,
+) -> dict:
   """MM2MM: anchors search all candidates; Recall@k, mR, Precision (by negative kind), Avg.
 
   Precision compares sim(anchor, positive) (best positive when there are several) with
@@ -380,8 +467,11 @@ def evaluate_mm2mm(predict_fn, *, data, input_cfg, workdir=None, params=None,
   Rankings go to ``rankings.jsonl``.
   """
   queries, candidates = data
-  q = _query_columns(queries, use_instruction, {
-      "positive_ids": _str_list, "negative_id": _text, "negative_kind": _text})
+  q = _query_columns(
+      queries,
+      use_instruction,
+      {"positive_ids": _str_list, "negative_id": _text, "negative_kind": _text},
+  )
   c = _candidate_columns(candidates, {})
   candidate_position = _positions(c["id"], "candidate")
   positives = _positive_positions(q["id"], q["positive_ids"], candidate_position)
@@ -389,8 +479,9 @@ def evaluate_mm2mm(predict_fn, *, data, input_cfg, workdir=None, params=None,
   query_z = embedder.records(queries, q["modality"], q["query_text"])
   candidate_z = embedder.records(candidates, c["modality"])
 
-  self_position = np.asarray([candidate_position.get(i, -1) if exclude_self else -1
-                              for i in q["id"]])
+  self_position = np.asarray(
+      [candidate_position.get(i, -1) if exclude_self else -1 for i in q["id"]]
+  )
   # One more neighbour when some anchor may find (and drop) its own copy.
   extra = int((self_position >= 0).any())
   top = min(max(ks), len(c["id"]) - extra)
@@ -411,9 +502,16 @@ def evaluate_mm2mm(predict_fn, *, data, input_cfg, workdir=None, params=None,
       if negative_id not in candidate_position:
         raise KeyError(f"query {query_id!r}: negative id {negative_id!r} is not a candidate")
       negative_scores[i] = candidate_z[candidate_position[negative_id]] @ query_z[i]
-  results = metrics_lib.mm2mm_metrics(ranked, positives, positive_scores, negative_scores,
-                                      q["negative_kind"], ks=ks, query_ids=q["id"],
-                                      num_candidates=len(c["id"]))
+  results = metrics_lib.mm2mm_metrics(
+      ranked,
+      positives,
+      positive_scores,
+      negative_scores,
+      q["negative_kind"],
+      ks=ks,
+      query_ids=q["id"],
+      num_candidates=len(c["id"]),
+  )
   results.update(_scann_metrics(result, "", top + extra))
   return results
 
@@ -421,10 +519,21 @@ def evaluate_mm2mm(predict_fn, *, data, input_cfg, workdir=None, params=None,
 # ---------------------------------------------------------------------------------------------
 # mmeb: each query ranks its own candidate list, the first being correct.
 
+
 @register("mmeb", data="queries_candidates")
-def evaluate_mmeb(predict_fn, *, data, input_cfg, workdir=None, params=None,
-                  batch_size: int = 64, use_instruction: bool = True,
-                  save_rankings: bool = False, batches_fn=None, mesh=None) -> dict:
+def evaluate_mmeb(
+    predict_fn,
+    *,
+    data,
+    input_cfg,
+    workdir=None,
+    params=None,
+    batch_size: int = 64,
+    use_instruction: bool = True,
+    save_rankings: bool = False,
+    batches_fn=None,
+    mesh=None,
+) -> dict:
   """MMEB retrieval Hit@1 per task and its mean over tasks (``average/hit@1``).
 
   Only candidates named in some query's ``candidate_ids`` are embedded. A tie between the correct
@@ -449,14 +558,21 @@ def evaluate_mmeb(predict_fn, *, data, input_cfg, workdir=None, params=None,
   used_candidates = _Subset(candidates, used)
   candidate_z = embedder.records(used_candidates, [c["modality"][r] for r in used])
 
-  scores = [candidate_z[[used_row[candidate_position[i]] for i in listed]] @ z
-            for listed, z in zip(q["candidate_ids"], query_z)]
+  scores = [
+      candidate_z[[used_row[candidate_position[i]] for i in listed]] @ z
+      for listed, z in zip(q["candidate_ids"], query_z)
+  ]
   hits = metrics_lib.own_list_hit_at_1(scores, query_ids=q["id"])
   if save_rankings:
     orders = [np.argsort(-s, kind="stable") for s in scores]
     ranked_ids = [[listed[j] for j in order] for listed, order in zip(q["candidate_ids"], orders)]
-    write_rankings(workdir, "rankings.jsonl", q["id"], ranked_ids,
-                   [s[order] for s, order in zip(scores, orders)])
+    write_rankings(
+        workdir,
+        "rankings.jsonl",
+        q["id"],
+        ranked_ids,
+        [s[order] for s, order in zip(scores, orders)],
+    )
   per_task = {task: 100.0 * v for task, v in metrics_lib.mean_by_group(hits, q["task"]).items()}
   results = {f"{task}/hit@1": value for task, value in per_task.items()}
   results["average/hit@1"] = metrics_lib.macro_average(per_task)

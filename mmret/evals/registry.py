@@ -4,13 +4,18 @@ An evaluator is ``evaluate(predict_fn, *, data, input_cfg, workdir=None, **cfg) 
 metrics``. ``data`` is either one random-access sequence of records (``data='records'``, e.g.
 caption5) or a ``(queries, candidates)`` pair of sequences (``data='queries_candidates'``).
 """
+
 import dataclasses
 import importlib
 from typing import Callable
 
 DATA_KINDS = ("records", "queries_candidates")
 # Modules whose import registers evaluators; imported lazily so that `get` sees them all.
-_EVALUATOR_MODULES = ("mmret.evals.protocols", "mmret.evals.modality_gap", "mmret.evals.solar_masks")
+_EVALUATOR_MODULES = (
+    "mmret.evals.protocols",
+    "mmret.evals.modality_gap",
+    "mmret.evals.solar_masks",
+)
 
 
 @dataclasses.dataclass(frozen=True)

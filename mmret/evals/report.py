@@ -7,6 +7,7 @@ For an evaluation ``name`` it writes, under ``<workdir>/eval/``:
 A curve series is every metric prefix ending in ``recall@<k>`` (``i2t/recall@5`` -> series
 ``i2t``; a bare ``recall@5`` -> series ``all``); ScaNN's ``scann_recall@k`` is not a curve.
 """
+
 import json
 import math
 import os
@@ -18,8 +19,18 @@ from PIL import Image, ImageDraw, ImageFont
 MARKDOWN_STEPS = 5
 _CURVE_KEY = re.compile(r"^(?:(?P<series>.*)/)?recall@(?P<k>\d+)$")
 # Line colours (Tableau 10), cycled; later cycles change the marker shape.
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
-           "#ff9da7", "#9c755f", "#bab0ac")
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
 MARKERS = ("circle", "square", "triangle")
 
 
@@ -34,8 +45,9 @@ def recall_curves(metrics: Mapping[str, float]) -> dict[str, list[tuple[int, flo
   return {series: sorted(points) for series, points in sorted(curves.items())}
 
 
-def update_history(path: str, name: str, eval_type: str, step: int,
-                   metrics: Mapping[str, float]) -> dict:
+def update_history(
+    path: str, name: str, eval_type: str, step: int, metrics: Mapping[str, float]
+) -> dict:
   """Adds (or replaces) the entry of ``step`` in the JSON history at ``path``; returns it all."""
   record = {"name": name, "type": eval_type, "history": []}
   if os.path.exists(path):
@@ -64,9 +76,12 @@ def markdown_table(record: dict, max_steps: int = MARKDOWN_STEPS) -> str:
   """Markdown: one row per metric, one column per step (the latest ``max_steps``)."""
   history = record["history"][-max_steps:]
   names = sorted({key for entry in history for key in entry["metrics"]})
-  lines = [f"# {record['name']} ({record['type']})", "",
-           "| metric | " + " | ".join(f"step {entry['step']}" for entry in history) + " |",
-           "|---|" + "---:|" * len(history)]
+  lines = [
+      f"# {record['name']} ({record['type']})",
+      "",
+      "| metric | " + " | ".join(f"step {entry['step']}" for entry in history) + " |",
+      "|---|" + "---:|" * len(history),
+  ]
   for metric in names:
     cells = [_format(entry["metrics"].get(metric)) for entry in history]
     lines.append(f"| {metric} | " + " | ".join(cells) + " |")
@@ -80,13 +95,17 @@ def _draw_marker(draw, x, y, shape, colour, radius=4):
   elif shape == "square":
     draw.rectangle(box, fill=colour)
   else:
-    draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)],
-                 fill=colour)
+    draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour)
 
 
-def draw_recall_curves(path: str, curves: Mapping[str, Sequence[tuple[int, float]]], *,
-                       title: str, size: tuple[int, int] = (960, 540),
-                       font_size: int = 13) -> None:
+def draw_recall_curves(
+    path: str,
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    *,
+    title: str,
+    size: tuple[int, int] = (960, 540),
+    font_size: int = 13,
+) -> None:
   """Draws recall (percent, 0-100) against K for each series into a PNG at ``path``.
 
   K is on a log axis when it spans a factor of 10 or more. The legend sits right of the plot;
@@ -113,31 +132,44 @@ def draw_recall_curves(path: str, curves: Mapping[str, Sequence[tuple[int, float
   def py(value):
     return bottom - max(0.0, min(100.0, value)) / 100.0 * (bottom - top)
 
-  draw.text(((left + right) / 2 - draw.textlength(title, font=font) / 2, 10), title,
-            fill="black", font=font)
+  draw.text(
+      ((left + right) / 2 - draw.textlength(title, font=font) / 2, 10),
+      title,
+      fill="black",
+      font=font,
+  )
   for tick in range(0, 101, 20):  # y grid and ticks
     y = py(tick)
     draw.line([(left, y), (right, y)], fill="#e6e6e6")
     draw.line([(left - 5, y), (left, y)], fill="black")
     label = str(tick)
-    draw.text((left - 10 - draw.textlength(label, font=font), y - font_size / 2), label,
-              fill="black", font=font)
+    draw.text(
+        (left - 10 - draw.textlength(label, font=font), y - font_size / 2),
+        label,
+        fill="black",
+        font=font,
+    )
   for k in ks:  # x ticks at every K evaluated
     x = px(k)
     draw.line([(x, bottom), (x, bottom + 5)], fill="black")
     label = str(k)
-    draw.text((x - draw.textlength(label, font=font) / 2, bottom + 8), label, fill="black",
-              font=font)
+    draw.text(
+        (x - draw.textlength(label, font=font) / 2, bottom + 8), label, fill="black", font=font
+    )
   draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
   x_label = "K (log scale)" if log_axis else "K"
-  draw.text(((left + right) / 2 - draw.textlength(x_label, font=font) / 2, bottom + 28),
-            x_label, fill="black", font=font)
+  draw.text(
+      ((left + right) / 2 - draw.textlength(x_label, font=font) / 2, bottom + 28),
+      x_label,
+      fill="black",
+      font=font,
+  )
   draw.text((8, top - 24), "Recall@K (%)", fill="black", font=font)
 
   row_height = font_size + 7
   max_rows = max(1, (bottom - top) // row_height)
   series_names = list(curves)
-  shown = series_names if len(series_names) <= max_rows else series_names[:max_rows - 1]
+  shown = series_names if len(series_names) <= max_rows else series_names[: max_rows - 1]
   legend_x = right + 24
   for i, name in enumerate(series_names):
     colour = PALETTE[i % len(PALETTE)]
@@ -149,8 +181,11 @@ def draw_recall_curves(path: str, curves: Mapping[str, Sequence[tuple[int, float
       _draw_marker(draw, x, y, shape, colour)
     if name in shown:
       y = top + i * row_height
-      draw.line([(legend_x, y + font_size / 2 + 1), (legend_x + 22, y + font_size / 2 + 1)],
-                fill=colour, width=2)
+      draw.line(
+          [(legend_x, y + font_size / 2 + 1), (legend_x + 22, y + font_size / 2 + 1)],
+          fill=colour,
+          width=2,
+      )
       _draw_marker(draw, legend_x + 11, y + font_size / 2 + 1, shape, colour)
       label = name
       while len(label) > 4 and draw.textlength(label, font=font) > legend_width - 40:
@@ -160,18 +195,22 @@ def draw_recall_curves(path: str, curves: Mapping[str, Sequence[tuple[int, float
       draw.text((legend_x + 30, y), label, fill="black", font=font)
   if len(shown) < len(series_names):
     y = top + len(shown) * row_height
-    draw.text((legend_x + 30, y), f"+{len(series_names) - len(shown)} more", fill="black",
-              font=font)
+    draw.text(
+        (legend_x + 30, y), f"+{len(series_names) - len(shown)} more", fill="black", font=font
+    )
   image.save(path, format="PNG")
 
 
-def write_reports(workdir: str, name: str, eval_type: str, step: int,
-                  metrics: Mapping[str, float]) -> dict[str, str]:
+def write_reports(
+    workdir: str, name: str, eval_type: str, step: int, metrics: Mapping[str, float]
+) -> dict[str, str]:
   """Writes ``eval/<name>.json``, ``.md`` and, given recall curves, ``.png``; returns the paths."""
   directory = os.path.join(workdir, "eval")
   os.makedirs(directory, exist_ok=True)
-  paths = {"json": os.path.join(directory, f"{name}.json"),
-           "md": os.path.join(directory, f"{name}.md")}
+  paths = {
+      "json": os.path.join(directory, f"{name}.json"),
+      "md": os.path.join(directory, f"{name}.md"),
+  }
   record = update_history(paths["json"], name, eval_type, step, metrics)
   with open(paths["md"], "w") as f:
     f.write(markdown_table(record))

@@ -12,6 +12,7 @@ the splits ``<split>_queries`` and ``<split>_candidates`` are read), ``every`` (
 ``step % every == 0``; 0 = only at the final evaluation), optional ``data_dir``, and every other
 field goes to the evaluator (``batch_size``, ``search``, protocol options).
 """
+
 import inspect
 import os
 from typing import Any, Callable, Mapping, Optional
@@ -37,22 +38,39 @@ def is_due(every: Optional[int], step: int, *, final: bool) -> bool:
 
 def _default_open_split():
   from mmret.data import sources  # The data package owns dataset opening.
+
   return sources.open_split
 
 
-def open_eval_data(evaluator: registry.Evaluator, dataset: str, split: str,
-                   data_dir: Optional[str], open_split: Callable):
+def open_eval_data(
+    evaluator: registry.Evaluator,
+    dataset: str,
+    split: str,
+    data_dir: Optional[str],
+    open_split: Callable,
+):
   """The ``data`` argument of ``evaluator``: one split, or the (queries, candidates) splits."""
   if evaluator.data == "records":
     return open_split(dataset, split, data_dir)
-  return (open_split(dataset, f"{split}_queries", data_dir),
-          open_split(dataset, f"{split}_candidates", data_dir))
+  return (
+      open_split(dataset, f"{split}_queries", data_dir),
+      open_split(dataset, f"{split}_candidates", data_dir),
+  )
 
 
-def run_evals(predict_fn, evals_cfg: Mapping[str, Any], input_cfg: Any, step: int,
-              workdir: Optional[str], *, params: Any = None, final: bool = False,
-              data_dir: Optional[str] = None, open_split: Optional[Callable] = None,
-              batches_fn: Optional[Callable] = None) -> dict[str, float]:
+def run_evals(
+    predict_fn,
+    evals_cfg: Mapping[str, Any],
+    input_cfg: Any,
+    step: int,
+    workdir: Optional[str],
+    *,
+    params: Any = None,
+    final: bool = False,
+    data_dir: Optional[str] = None,
+    open_split: Optional[Callable] = None,
+    batches_fn: Optional[Callable] = None,
+) -> dict[str, float]:
   """Runs the evaluations due at ``step`` and returns ``{'eval/<name>/<metric>': value}``.
 
   Args:
@@ -82,16 +100,20 @@ def run_evals(predict_fn, evals_cfg: Mapping[str, Any], input_cfg: Any, step: in
     accepted = set(inspect.signature(evaluator.evaluate).parameters)
     unknown = sorted(set(options) - accepted)
     if unknown:
-      raise ValueError(f"config.evals.{name}: unknown fields {unknown} for type "
-                       f"{cfg['type']!r}; it accepts {sorted(accepted - {'predict_fn', 'data'})}")
+      raise ValueError(
+          f"config.evals.{name}: unknown fields {unknown} for type "
+          f"{cfg['type']!r}; it accepts {sorted(accepted - {'predict_fn', 'data'})}"
+      )
     if batches_fn is not None:
       options.setdefault("batches_fn", batches_fn)
-    data = open_eval_data(evaluator, cfg["dataset"], cfg["split"],
-                          cfg.get("data_dir", data_dir), open_split)
+    data = open_eval_data(
+        evaluator, cfg["dataset"], cfg["split"], cfg.get("data_dir", data_dir), open_split
+    )
     # Each evaluation's own files (e.g. ranked lists) go to <workdir>/eval/<name>/.
     eval_dir = os.path.join(workdir, "eval", name) if workdir is not None else None
-    metrics = evaluator.evaluate(predict_fn, data=data, input_cfg=input_cfg, workdir=eval_dir,
-                                 params=params, **options)
+    metrics = evaluator.evaluate(
+        predict_fn, data=data, input_cfg=input_cfg, workdir=eval_dir, params=params, **options
+    )
     if workdir is not None and jax.process_index() == 0:
       report.write_reports(workdir, name, cfg["type"], step, metrics)
     flat.update({f"eval/{name}/{metric}": value for metric, value in metrics.items()})

@@ -7,6 +7,7 @@ matrix, so pools of millions are searched in bounded memory. ScaNN (tree partiti
 anisotropic hashing + exact re-ordering) is used for pools of at least ``exact_max_candidates``;
 its recall against exact search on a sample of queries is measured and returned with the results.
 """
+
 import dataclasses
 import functools
 import math
@@ -45,8 +46,9 @@ def _merge_block(best_scores, best_ids, queries, block, offset, *, k):
   return top_scores, jnp.take_along_axis(all_ids, positions, axis=1)
 
 
-def exact_search(queries, candidates, k: int, *, query_block: int = 1024,
-                 candidate_block: int = 32_768):
+def exact_search(
+    queries, candidates, k: int, *, query_block: int = 1024, candidate_block: int = 32_768
+):
   """Exact top-k by inner product, in blocks of queries x candidates.
 
   Args:
@@ -67,11 +69,11 @@ def exact_search(queries, candidates, k: int, *, query_block: int = 1024,
   device_candidates = jax.device_put(candidates)
   all_scores, all_ids = [], []
   for q0 in range(0, queries.shape[0], query_block):
-    q = jax.device_put(queries[q0:q0 + query_block])
+    q = jax.device_put(queries[q0 : q0 + query_block])
     best_scores = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
     best_ids = jnp.full((q.shape[0], k), -1, jnp.int32)
     for c0 in range(0, candidates.shape[0], candidate_block):
-      block = device_candidates[c0:c0 + candidate_block]
+      block = device_candidates[c0 : c0 + candidate_block]
       best_scores, best_ids = _merge_block(best_scores, best_ids, q, block, jnp.int32(c0), k=k)
     all_scores.append(np.asarray(best_scores))
     all_ids.append(np.asarray(best_ids))
@@ -83,17 +85,24 @@ def exact_search(queries, candidates, k: int, *, query_block: int = 1024,
 @dataclasses.dataclass(frozen=True)
 class ScannParams:
   """ScaNN index settings (see ``scann_params`` for the defaults derived from the pool size)."""
-  num_leaves: int                 # k-means partitions of the pool
-  leaves_to_search: int           # partitions scanned per query
-  reorder: int                    # candidates re-scored exactly after hashing (>= k)
-  dims_per_block: int = 2         # asymmetric hashing: dimensions per 16-centre codebook
+
+  num_leaves: int  # k-means partitions of the pool
+  leaves_to_search: int  # partitions scanned per query
+  reorder: int  # candidates re-scored exactly after hashing (>= k)
+  dims_per_block: int = 2  # asymmetric hashing: dimensions per 16-centre codebook
   anisotropic_threshold: float = 0.2  # anisotropic quantisation threshold (for unit vectors)
   training_sample_size: int = 100_000  # points used to train partitions and codebooks
 
 
-def scann_params(num_candidates: int, k: int = 10, *, leaves_fraction: float = 0.1,
-                 min_leaves_to_search: int = 16, reorder_factor: int = 10,
-                 **overrides) -> ScannParams:
+def scann_params(
+    num_candidates: int,
+    k: int = 10,
+    *,
+    leaves_fraction: float = 0.1,
+    min_leaves_to_search: int = 16,
+    reorder_factor: int = 10,
+    **overrides,
+) -> ScannParams:
   """ScaNN settings for a pool of ``num_candidates``, any field overridable by keyword.
 
   Defaults: num_leaves ~ sqrt(N) (balances partition scoring against in-partition scanning),
@@ -101,8 +110,9 @@ def scann_params(num_candidates: int, k: int = 10, *, leaves_fraction: float = 0
   reorder = max(100, reorder_factor * k).
   """
   num_leaves = max(1, int(round(math.sqrt(num_candidates))))
-  leaves_to_search = min(num_leaves, max(min_leaves_to_search,
-                                         int(math.ceil(leaves_fraction * num_leaves))))
+  leaves_to_search = min(
+      num_leaves, max(min_leaves_to_search, int(math.ceil(leaves_fraction * num_leaves)))
+  )
   defaults = dict(
       num_leaves=num_leaves,
       leaves_to_search=leaves_to_search,
@@ -111,8 +121,10 @@ def scann_params(num_candidates: int, k: int = 10, *, leaves_fraction: float = 0
   )
   unknown = set(overrides) - {f.name for f in dataclasses.fields(ScannParams)}
   if unknown:
-    raise ValueError(f"unknown ScaNN parameters {sorted(unknown)}; "
-                     f"known: {[f.name for f in dataclasses.fields(ScannParams)]}")
+    raise ValueError(
+        f"unknown ScaNN parameters {sorted(unknown)}; "
+        f"known: {[f.name for f in dataclasses.fields(ScannParams)]}"
+    )
   defaults.update({key: value for key, value in overrides.items() if value is not None})
   return ScannParams(**defaults)
 
@@ -128,9 +140,11 @@ def build_scann(candidates, k: int, params: ScannParams):
   builder = builder.tree(
       num_leaves=num_leaves,
       num_leaves_to_search=min(params.leaves_to_search, num_leaves),
-      training_sample_size=min(params.training_sample_size, candidates.shape[0]))
-  builder = builder.score_ah(params.dims_per_block,
-                             anisotropic_quantization_threshold=params.anisotropic_threshold)
+      training_sample_size=min(params.training_sample_size, candidates.shape[0]),
+  )
+  builder = builder.score_ah(
+      params.dims_per_block, anisotropic_quantization_threshold=params.anisotropic_threshold
+  )
   builder = builder.reorder(max(params.reorder, k))
   return builder.build()
 
@@ -140,13 +154,15 @@ def scann_search(searcher, queries, k: int, *, batch_size: int = 256):
   queries = _as_matrix(queries, "queries")
   if queries.shape[0] == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-  indices, scores = searcher.search_batched_parallel(queries, final_num_neighbors=k,
-                                                     batch_size=batch_size)
+  indices, scores = searcher.search_batched_parallel(
+      queries, final_num_neighbors=k, batch_size=batch_size
+  )
   return np.asarray(scores, np.float32), np.asarray(indices, np.int64)
 
 
-def recall_against_exact(approx_indices, queries, candidates, k: int, *,
-                         num_samples: int = RECALL_SAMPLES, seed: int = 0) -> float:
+def recall_against_exact(
+    approx_indices, queries, candidates, k: int, *, num_samples: int = RECALL_SAMPLES, seed: int = 0
+) -> float:
   """Recall@k of an approximate top-k list against exact search, on a sample of queries.
 
   Recall = |approx top-k  intersect  exact top-k| / k, averaged over ``num_samples`` queries drawn
@@ -167,16 +183,25 @@ def recall_against_exact(approx_indices, queries, candidates, k: int, *,
 
 @dataclasses.dataclass
 class SearchResult:
-  scores: np.ndarray          # [Q, k] float32, best first
-  indices: np.ndarray         # [Q, k] int64 positions in the candidate matrix
-  method: str                 # 'exact' or 'scann'
-  info: dict[str, Any]        # for ScaNN: its parameters, recall vs exact, build/search seconds
+  scores: np.ndarray  # [Q, k] float32, best first
+  indices: np.ndarray  # [Q, k] int64 positions in the candidate matrix
+  method: str  # 'exact' or 'scann'
+  info: dict[str, Any]  # for ScaNN: its parameters, recall vs exact, build/search seconds
 
 
-def search(queries, candidates, k: int, *, method: str = "auto",
-           exact_max_candidates: int = EXACT_MAX_CANDIDATES, scann: Optional[dict] = None,
-           recall_samples: int = RECALL_SAMPLES, seed: int = 0, query_block: int = 1024,
-           candidate_block: int = 32_768) -> SearchResult:
+def search(
+    queries,
+    candidates,
+    k: int,
+    *,
+    method: str = "auto",
+    exact_max_candidates: int = EXACT_MAX_CANDIDATES,
+    scann: Optional[dict] = None,
+    recall_samples: int = RECALL_SAMPLES,
+    seed: int = 0,
+    query_block: int = 1024,
+    candidate_block: int = 32_768,
+) -> SearchResult:
   """Top-k search choosing exact search for small pools and ScaNN for large ones.
 
   Args:
@@ -193,8 +218,9 @@ def search(queries, candidates, k: int, *, method: str = "auto",
   if method == "auto":
     method = "scann" if candidates.shape[0] >= exact_max_candidates else "exact"
   if method == "exact":
-    scores, indices = exact_search(queries, candidates, k, query_block=query_block,
-                                   candidate_block=candidate_block)
+    scores, indices = exact_search(
+        queries, candidates, k, query_block=query_block, candidate_block=candidate_block
+    )
     return SearchResult(scores, indices, "exact", {})
   params = scann_params(candidates.shape[0], k, **(scann or {}))
   start = time.perf_counter()
@@ -202,8 +228,13 @@ def search(queries, candidates, k: int, *, method: str = "auto",
   built = time.perf_counter()
   scores, indices = scann_search(searcher, queries, min(k, candidates.shape[0]))
   searched = time.perf_counter()
-  recall = recall_against_exact(indices, queries, candidates, k, num_samples=recall_samples,
-                                seed=seed)
-  info = dict(dataclasses.asdict(params), recall_vs_exact=recall,
-              build_seconds=built - start, search_seconds=searched - built)
+  recall = recall_against_exact(
+      indices, queries, candidates, k, num_samples=recall_samples, seed=seed
+  )
+  info = dict(
+      dataclasses.asdict(params),
+      recall_vs_exact=recall,
+      build_seconds=built - start,
+      search_seconds=searched - built,
+  )
   return SearchResult(scores, indices, "scann", info)

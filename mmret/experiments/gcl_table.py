@@ -12,6 +12,7 @@ the modality gap. Writes ``DIR/gcl_table.md`` (mean ± std over seeds) and ``DIR
 ``DIR/<variant>/seed<k>``; finished ones are reused when the command is run again. The defaults
 (3 seeds, 200 + 100 steps, tiny) take about 10 CPU-minutes.
 """
+
 import functools
 import json
 import os
@@ -32,12 +33,24 @@ GAP_PAIRS = ("i-t", "i-it", "t-it")
 _LOCAL_RECALL = re.compile(r"^eval/universal/local/(?P<task>[^/]+)/recall@5$")
 
 
-def config_arg(variant: str, *, size: str, world_name: str, steps: int, pretrain_steps: int,
-               fusion: str, lr: float, temperature: float, drop_other_positive: bool) -> str:
+def config_arg(
+    variant: str,
+    *,
+    size: str,
+    world_name: str,
+    steps: int,
+    pretrain_steps: int,
+    fusion: str,
+    lr: float,
+    temperature: float,
+    drop_other_positive: bool,
+) -> str:
   """The configs/gcl.py argument string of ``variant`` (init uses gcl's, only its first stage)."""
   loss = "gcl" if variant == "init" else variant
-  arg = (f"size={size},world={world_name},loss={loss},fusion={fusion},steps={steps},"
-         f"pretrain_steps={pretrain_steps},lr={lr},temperature={temperature}")
+  arg = (
+      f"size={size},world={world_name},loss={loss},fusion={fusion},steps={steps},"
+      f"pretrain_steps={pretrain_steps},lr={lr},temperature={temperature}"
+  )
   if loss == "gcl" and drop_other_positive:
     arg += ",drop_other_positive=true"
   return arg
@@ -75,8 +88,9 @@ def link_pretrain_stages(workdir: str, variants, seeds):
       if os.path.islink(link) and os.readlink(link) == target:
         continue
       if os.path.lexists(link):
-        raise FileExistsError(f"{link} exists and is not a link to {target}; remove it or use "
-                              "another workdir")
+        raise FileExistsError(
+            f"{link} exists and is not a link to {target}; remove it or use " "another workdir"
+        )
       os.symlink(target, link)
 
 
@@ -99,8 +113,11 @@ def retrieval_columns(tasks) -> dict[str, str]:
 
 
 def gap_columns() -> dict[str, str]:
-  return {f"{name.removeprefix('gap_')} cos {pair}": f"eval/{name}/cosine/{pair}"
-          for name in GAP_EVALS for pair in GAP_PAIRS}
+  return {
+      f"{name.removeprefix('gap_')} cos {pair}": f"eval/{name}/cosine/{pair}"
+      for name in GAP_EVALS
+      for pair in GAP_PAIRS
+  }
 
 
 def summarise(results, columns) -> dict:
@@ -119,25 +136,31 @@ def write_tables(workdir: str, results, *, args: dict, seeds, wall_s: float) -> 
   """Writes gcl_table.md and gcl_table.json; returns the Markdown."""
   tasks = task_order(results)
   retrieval, gap = retrieval_columns(tasks), gap_columns()
-  markdown = "\n".join([
-      f"GCL analog ({args['size']} model, mmret_world/{args['world']}, fusion={args['fusion']}, "
-      f"{args['pretrain_steps']} pretraining + {args['steps']} fine-tuning steps, "
-      f"seeds {','.join(map(str, seeds))}; mean ± std over seeds).",
-      "",
-      "Universal split, Recall@5 per task in its local pool, and the local / global averages:",
-      "",
-      table.markdown_table(results, retrieval),
-      "Modality gap: cosine similarity between the centroids of the image (i), text (t) and "
-      "image+text (it) embeddings, on the universal candidates and the train pairs "
-      "(init = before fine-tuning):",
-      "",
-      table.markdown_table(results, gap),
-  ])
+  markdown = "\n".join(
+      [
+          f"GCL analog ({args['size']} model, mmret_world/{args['world']}, fusion={args['fusion']}, "
+          f"{args['pretrain_steps']} pretraining + {args['steps']} fine-tuning steps, "
+          f"seeds {','.join(map(str, seeds))}; mean ± std over seeds).",
+          "",
+          "Universal split, Recall@5 per task in its local pool, and the local / global averages:",
+          "",
+          table.markdown_table(results, retrieval),
+          "Modality gap: cosine similarity between the centroids of the image (i), text (t) and "
+          "image+text (it) embeddings, on the universal candidates and the train pairs "
+          "(init = before fine-tuning):",
+          "",
+          table.markdown_table(results, gap),
+      ]
+  )
   with open(os.path.join(workdir, "gcl_table.md"), "w") as f:
     f.write(markdown)
-  record = {"args": args, "seeds": list(seeds), "invocation_wall_s": wall_s,
-            "summary": summarise(results, {**retrieval, **gap}),
-            "runs": {variant: [dict(run) for run in runs] for variant, runs in results.items()}}
+  record = {
+      "args": args,
+      "seeds": list(seeds),
+      "invocation_wall_s": wall_s,
+      "summary": summarise(results, {**retrieval, **gap}),
+      "runs": {variant: [dict(run) for run in runs] for variant, runs in results.items()},
+  }
   with open(os.path.join(workdir, "gcl_table.json"), "w") as f:
     json.dump(record, f, indent=1)
   return markdown
@@ -154,8 +177,10 @@ def check_workdir_args(workdir: str, args: dict):
       previous = json.load(f)
     if previous != args:
       changed = sorted(k for k in set(previous) | set(args) if previous.get(k) != args.get(k))
-      raise ValueError(f"{workdir} holds runs made with other arguments (changed: {changed}; "
-                       f"recorded in {path}); use another workdir")
+      raise ValueError(
+          f"{workdir} holds runs made with other arguments (changed: {changed}; "
+          f"recorded in {path}); use another workdir"
+      )
     return
   with open(path, "w") as f:
     json.dump(args, f, indent=1, sort_keys=True)
@@ -164,13 +189,15 @@ def check_workdir_args(workdir: str, args: dict):
 def enable_compilation_cache(directory: str):
   """Caches compiled programs on disk: every run of a variant compiles the same programs."""
   import jax  # noqa: PLC0415
+
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_table(workdir: str, seeds, *, variants=VARIANTS, data_dir=None, overrides=None,
-              **arg_fields) -> str:
+def run_table(
+    workdir: str, seeds, *, variants=VARIANTS, data_dir=None, overrides=None, **arg_fields
+) -> str:
   """Trains and evaluates ``variants`` for every seed; writes and returns the Markdown table.
 
   ``arg_fields`` are :func:`config_arg`'s keywords and ``overrides`` further config changes
@@ -192,9 +219,12 @@ def run_table(workdir: str, seeds, *, variants=VARIANTS, data_dir=None, override
   # Seeds and variants may grow between invocations; the training arguments may not.
   check_workdir_args(workdir, args)
   link_pretrain_stages(workdir, variants, seeds)
-  make_configs = {variant: (lambda seed, v=variant: make_variant_config(
-                      v, seed, data_dir, overrides, **arg_fields))
-                  for variant in variants}
+  make_configs = {
+      variant: (
+          lambda seed, v=variant: make_variant_config(v, seed, data_dir, overrides, **arg_fields)
+      )
+      for variant in variants
+  }
   results = table.run_variants(make_configs, seeds, workdir)
   return write_tables(workdir, results, args=args, seeds=seeds, wall_s=time.time() - start)
 
@@ -211,10 +241,12 @@ def define_flags() -> dict:
       pretrain_steps=flags.DEFINE_integer("pretrain_steps", 200, "CLIP pretraining steps (init)."),
       fusion=flags.DEFINE_enum("fusion", "fusion", list(gcl.FUSIONS), "Image+text embedding."),
       lr=flags.DEFINE_float("lr", 3e-4, "Fine-tuning peak learning rate."),
-      temperature=flags.DEFINE_float("temperature", 0.0,
-                                     "Fixed fine-tuning temperature (0: learnable)."),
+      temperature=flags.DEFINE_float(
+          "temperature", 0.0, "Fixed fine-tuning temperature (0: learnable)."
+      ),
       drop_other_positive=flags.DEFINE_bool(
-          "drop_other_positive", False, "GCL without the anchor's third modality in denominators."),
+          "drop_other_positive", False, "GCL without the anchor's third modality in denominators."
+      ),
       data_dir=flags.DEFINE_string("data_dir", None, "Dataset directory (default: the config's)."),
   )
 

@@ -9,6 +9,7 @@ and R@sum, in percent; the last column re-scores every trained model by global.g
 variants with the context loss are otherwise scored by SelfAlign's final similarity). Writes ``selfalign_table.md`` and ``selfalign_table.json`` (every run's
 metrics) into the workdir; finished runs are reused when the command is run again.
 """
+
 import json
 import os
 import time
@@ -28,31 +29,41 @@ flags.DEFINE_string("size", "tiny", "Model size.")
 flags.DEFINE_string("world", "tiny", "Embedded world size.")
 flags.DEFINE_string("data_dir", None, "Dataset directory (default: the input config's).")
 
-VARIANT_NAMES = {"base": "base (VSE++)", "concept": "+concept", "context": "+context",
-                 "both": "both (SelfAlign)"}
+VARIANT_NAMES = {
+    "base": "base (VSE++)",
+    "concept": "+concept",
+    "context": "+context",
+    "both": "both (SelfAlign)",
+}
 PREFIX = "eval/caption5/"
 COLUMNS = {
-    "i2t R@1": PREFIX + "i2t/recall@1", "i2t R@5": PREFIX + "i2t/recall@5",
-    "i2t R@10": PREFIX + "i2t/recall@10", "t2i R@1": PREFIX + "t2i/recall@1",
-    "t2i R@5": PREFIX + "t2i/recall@5", "t2i R@10": PREFIX + "t2i/recall@10",
+    "i2t R@1": PREFIX + "i2t/recall@1",
+    "i2t R@5": PREFIX + "i2t/recall@5",
+    "i2t R@10": PREFIX + "i2t/recall@10",
+    "t2i R@1": PREFIX + "t2i/recall@1",
+    "t2i R@5": PREFIX + "t2i/recall@5",
+    "t2i R@10": PREFIX + "t2i/recall@10",
     "R@sum": PREFIX + "rsum",
     "R@sum, global score": "global_scored/rsum",
 }
 GLOBAL_SCORED = "global_scored.json"
 
 
-def variant_configs(*, steps: int, sum_warmup: int, size: str = "tiny", world: str = "tiny",
-                    data_dir=None) -> dict:
+def variant_configs(
+    *, steps: int, sum_warmup: int, size: str = "tiny", world: str = "tiny", data_dir=None
+) -> dict:
   """{variant: make_config(seed)} for the four variants (runs in ``workdir/<variant>/seed<k>``)."""
 
   def maker(variant):
     def make_config(seed):
-      config = selfalign.get_config(f"size={size},world={world},variant={variant},steps={steps},"
-                                    f"sum_warmup={sum_warmup}")
+      config = selfalign.get_config(
+          f"size={size},world={world},variant={variant},steps={steps}," f"sum_warmup={sum_warmup}"
+      )
       config.seed = seed
       if data_dir:
         config.input.data_dir = data_dir
       return config
+
     return make_config
 
   return {variant: maker(variant) for variant in VARIANT_NAMES}
@@ -66,6 +77,7 @@ def global_scored_metrics(config, run_dir: str) -> dict:
   """
   from mmret import evals  # pylint: disable=import-outside-toplevel
   from mmret.methods import selfalign_recipe  # pylint: disable=import-outside-toplevel
+
   cache = os.path.join(run_dir, GLOBAL_SCORED)
   if os.path.exists(cache):
     with open(cache) as f:
@@ -74,10 +86,17 @@ def global_scored_metrics(config, run_dir: str) -> dict:
   stage_dir = os.path.join(run_dir, name) if name else run_dir
   params = train.load_params(stage, stage_dir)
   predict = selfalign_recipe.make_predict(train.Setup(stage).model, similarity="global")
-  results = evals.run_evals(predict, {"caption5": stage.evals.caption5.to_dict()}, stage.input,
-                            stage.total_steps, None, params=params, final=True,
-                            data_dir=stage.input.data_dir)
-  metrics = {"global_scored/" + key[len(PREFIX):]: value for key, value in results.items()}
+  results = evals.run_evals(
+      predict,
+      {"caption5": stage.evals.caption5.to_dict()},
+      stage.input,
+      stage.total_steps,
+      None,
+      params=params,
+      final=True,
+      data_dir=stage.input.data_dir,
+  )
+  metrics = {"global_scored/" + key[len(PREFIX) :]: value for key, value in results.items()}
   with open(cache, "w") as f:
     json.dump(metrics, f, indent=2)
   return metrics
@@ -85,18 +104,32 @@ def global_scored_metrics(config, run_dir: str) -> dict:
 
 def write_table(results: dict, workdir: str, *, command: str, seconds: float, seeds) -> str:
   """Writes selfalign_table.md / .json from {variant: [metrics per seed]}; returns the markdown."""
-  scoring = {VARIANT_NAMES[v]: selfalign.get_config(f"variant={v}").method.similarity
-             for v in results}
+  scoring = {
+      VARIANT_NAMES[v]: selfalign.get_config(f"variant={v}").method.similarity for v in results
+  }
   body = table.markdown_table({VARIANT_NAMES[v]: runs for v, runs in results.items()}, COLUMNS)
   markdown = (
       f"Caption5 retrieval on the embedded world, mean ± std over seeds {list(seeds)}; scoring: "
-      + ", ".join(f"{name} = {score}" for name, score in scoring.items()) + ".\n\n"
-      + body + f"\n`{command}` ({seconds / 60:.1f} min)\n")
+      + ", ".join(f"{name} = {score}" for name, score in scoring.items())
+      + ".\n\n"
+      + body
+      + f"\n`{command}` ({seconds / 60:.1f} min)\n"
+  )
   with open(os.path.join(workdir, "selfalign_table.md"), "w") as f:
     f.write(markdown)
   with open(os.path.join(workdir, "selfalign_table.json"), "w") as f:
-    json.dump({"command": command, "seconds": seconds, "seeds": list(seeds),
-               "columns": COLUMNS, "scoring": scoring, "runs": results}, f, indent=2)
+    json.dump(
+        {
+            "command": command,
+            "seconds": seconds,
+            "seeds": list(seeds),
+            "columns": COLUMNS,
+            "scoring": scoring,
+            "runs": results,
+        },
+        f,
+        indent=2,
+    )
   return markdown
 
 
@@ -105,18 +138,29 @@ def main(argv):
   seeds = [int(s) for s in FLAGS.seeds]
   os.makedirs(FLAGS.workdir, exist_ok=True)
   start = time.time()
-  variants = variant_configs(steps=FLAGS.steps, sum_warmup=FLAGS.sum_warmup, size=FLAGS.size,
-                             world=FLAGS.world, data_dir=FLAGS.data_dir)
+  variants = variant_configs(
+      steps=FLAGS.steps,
+      sum_warmup=FLAGS.sum_warmup,
+      size=FLAGS.size,
+      world=FLAGS.world,
+      data_dir=FLAGS.data_dir,
+  )
   results = table.run_variants(variants, seeds, FLAGS.workdir)
   for variant, runs in results.items():
     for seed, run in zip(seeds, runs):
-      run.update(global_scored_metrics(variants[variant](seed),
-                                       os.path.join(FLAGS.workdir, variant, f"seed{seed}")))
-  command = (f"python -m mmret.experiments.selfalign_table --workdir={FLAGS.workdir} "
-             f"--seeds={','.join(map(str, seeds))} --steps={FLAGS.steps} "
-             f"--sum_warmup={FLAGS.sum_warmup} --size={FLAGS.size} --world={FLAGS.world}")
-  print(write_table(results, FLAGS.workdir, command=command, seconds=time.time() - start,
-                    seeds=seeds))
+      run.update(
+          global_scored_metrics(
+              variants[variant](seed), os.path.join(FLAGS.workdir, variant, f"seed{seed}")
+          )
+      )
+  command = (
+      f"python -m mmret.experiments.selfalign_table --workdir={FLAGS.workdir} "
+      f"--seeds={','.join(map(str, seeds))} --steps={FLAGS.steps} "
+      f"--sum_warmup={FLAGS.sum_warmup} --size={FLAGS.size} --world={FLAGS.world}"
+  )
+  print(
+      write_table(results, FLAGS.workdir, command=command, seconds=time.time() - start, seeds=seeds)
+  )
 
 
 if __name__ == "__main__":

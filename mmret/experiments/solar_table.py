@@ -12,6 +12,7 @@ Recall@1/5/10, mR, Precision overall and by the kind of fact the hard negative c
 reused when the command is repeated. XLA compilations are cached in ``<workdir>/xla_cache`` so
 that seeds after the first skip them.
 """
+
 import json
 import os
 
@@ -33,12 +34,15 @@ flags.DEFINE_integer("batch_size", 32, "Global batch size of every recipe.")
 
 METRIC = "eval/mm2mm/{}"
 COLUMNS = {
-    "R@1": METRIC.format("recall@1"), "R@5": METRIC.format("recall@5"),
-    "R@10": METRIC.format("recall@10"), "mR": METRIC.format("mR"),
+    "R@1": METRIC.format("recall@1"),
+    "R@5": METRIC.format("recall@5"),
+    "R@10": METRIC.format("recall@10"),
+    "mR": METRIC.format("mR"),
     "Precision": METRIC.format("precision"),
     "P intersection": METRIC.format("precision/intersection"),
     "P image-only": METRIC.format("precision/image_only"),
-    "P text-only": METRIC.format("precision/text_only"), "Avg": METRIC.format("avg"),
+    "P text-only": METRIC.format("precision/text_only"),
+    "Avg": METRIC.format("avg"),
 }
 STAGE1_ROW, SOLAR_ROW = "SOLAR stage 1 only", "SOLAR"
 # Diagnostic row: stage 2 from the ground-truth intersection labels (what perfect masks give).
@@ -72,14 +76,23 @@ def baseline(loss_name, *, world, steps, batch_size, data_dir):
   return make
 
 
-def solar(*, world, stage1_steps, stage2_steps, batch_size, data_dir, random_masks=False,
-          oracle_masks=False):
+def solar(
+    *,
+    world,
+    stage1_steps,
+    stage2_steps,
+    batch_size,
+    data_dir,
+    random_masks=False,
+    oracle_masks=False,
+):
   """The two-stage recipe; the learned-mask variant also evaluates MM2MM after stage 1."""
 
   def make(seed):
     config = solar_config.get_config(
         f"world={world},stage1_steps={stage1_steps},stage2_steps={stage2_steps},"
-        f"random_masks={random_masks},oracle_masks={oracle_masks},evals=false")
+        f"random_masks={random_masks},oracle_masks={oracle_masks},evals=false"
+    )
     config.stages.stage2.evals = {"mm2mm": _mm2mm(world)}
     if not (random_masks or oracle_masks):
       config.stages.stage1.evals = {"mm2mm": _mm2mm(world)}
@@ -96,10 +109,12 @@ def variants(*, world, stage1_steps, stage2_steps, batch_size, data_dir=None) ->
       "CL (score fusion)": baseline("cl", steps=total, **shared),
       "GCL (score fusion)": baseline("gcl", steps=total, **shared),
       SOLAR_ROW: solar(stage1_steps=stage1_steps, stage2_steps=stage2_steps, **shared),
-      "SOLAR, random masks": solar(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                                   random_masks=True, **shared),
-      ORACLE_ROW: solar(stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                        oracle_masks=True, **shared),
+      "SOLAR, random masks": solar(
+          stage1_steps=stage1_steps, stage2_steps=stage2_steps, random_masks=True, **shared
+      ),
+      ORACLE_ROW: solar(
+          stage1_steps=stage1_steps, stage2_steps=stage2_steps, oracle_masks=True, **shared
+      ),
   }
 
 
@@ -122,18 +137,27 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   runs = table.run_variants(
-      variants(world=FLAGS.world, stage1_steps=FLAGS.stage1_steps,
-               stage2_steps=FLAGS.stage2_steps, batch_size=FLAGS.batch_size,
-               data_dir=FLAGS.data_dir), seeds, FLAGS.workdir)
+      variants(
+          world=FLAGS.world,
+          stage1_steps=FLAGS.stage1_steps,
+          stage2_steps=FLAGS.stage2_steps,
+          batch_size=FLAGS.batch_size,
+          data_dir=FLAGS.data_dir,
+      ),
+      seeds,
+      FLAGS.workdir,
+  )
   ordered = {}
   for name, results in runs.items():
     if name == SOLAR_ROW:
       ordered[STAGE1_ROW] = stage1_results(FLAGS.workdir, seeds)
     ordered[name] = results
   markdown = table.markdown_table(ordered, COLUMNS)
-  header = (f"MM2MM on mmret_world/{FLAGS.world} ({len(seeds)} seeds, mean ± std; batch "
-            f"{FLAGS.batch_size}; SOLAR {FLAGS.stage1_steps} + {FLAGS.stage2_steps} steps, "
-            f"baselines {FLAGS.stage1_steps + FLAGS.stage2_steps} steps)\n\n")
+  header = (
+      f"MM2MM on mmret_world/{FLAGS.world} ({len(seeds)} seeds, mean ± std; batch "
+      f"{FLAGS.batch_size}; SOLAR {FLAGS.stage1_steps} + {FLAGS.stage2_steps} steps, "
+      f"baselines {FLAGS.stage1_steps + FLAGS.stage2_steps} steps)\n\n"
+  )
   with open(os.path.join(FLAGS.workdir, "solar_table.md"), "w") as f:
     f.write(header + markdown)
   with open(os.path.join(FLAGS.workdir, "solar_table.json"), "w") as f:

@@ -1,4 +1,5 @@
 """Running variants over seeds and writing mean ± std tables (shared by the paper-table modules)."""
+
 import json
 import os
 from typing import Callable, Mapping, Sequence
@@ -8,8 +9,9 @@ import numpy as np
 from mmret import train
 
 
-def run_variants(variants: Mapping[str, Callable[[int], object]], seeds: Sequence[int],
-                 workdir: str) -> dict:
+def run_variants(
+    variants: Mapping[str, Callable[[int], object]], seeds: Sequence[int], workdir: str
+) -> dict:
   """Trains+evaluates each variant for each seed; returns {variant: [final metrics per seed]}.
 
   ``variants`` maps a name to ``make_config(seed) -> ConfigDict``. Each run lives in
@@ -38,8 +40,9 @@ def mean_std(values: Sequence[float]) -> str:
   return f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
-def markdown_table(results: Mapping[str, Sequence[Mapping[str, float]]],
-                   columns: Mapping[str, str]) -> str:
+def markdown_table(
+    results: Mapping[str, Sequence[Mapping[str, float]]], columns: Mapping[str, str]
+) -> str:
   """Rows = variants, columns = {header: metric key}; cells are mean ± std over seeds."""
   headers = ["variant"] + list(columns)
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -48,8 +51,10 @@ def markdown_table(results: Mapping[str, Sequence[Mapping[str, float]]],
     for key in columns.values():
       missing = [i for i, run in enumerate(runs) if key not in run]
       if missing:
-        raise KeyError(f"variant {name!r}: metric {key!r} missing in seed runs {missing}; "
-                       f"available: {sorted(runs[missing[0]])[:20]}")
+        raise KeyError(
+            f"variant {name!r}: metric {key!r} missing in seed runs {missing}; "
+            f"available: {sorted(runs[missing[0]])[:20]}"
+        )
       cells.append(mean_std([run[key] for run in runs]))
     lines.append("| " + " | ".join([name] + cells) + " |")
   return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ A loss is a pure function ``fn(outputs, batch, *, axis_name=None, **hparams) -> 
 to gather other devices' samples over (None on a single device). A new loss is one function, one
 ``@register`` line and a test.
 """
+
 import importlib
 from typing import Callable
 

@@ -1,4 +1,5 @@
 """Building blocks shared by the losses: cross-device gathers and InfoNCE pieces."""
+
 import jax
 import jax.numpy as jnp
 

@@ -1,4 +1,5 @@
 """CLIP-style InfoNCE between the image and text embeddings."""
+
 import jax.numpy as jnp
 
 from mmret.losses import register

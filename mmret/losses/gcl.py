@@ -11,6 +11,7 @@ Modalities are the three embeddings of each sample: ``z_image`` (i), ``z_text`` 
 Across devices each device gathers every modality's embeddings; its local rows are the anchors, so
 ``pmean`` of the returned loss over devices equals the loss on the global batch.
 """
+
 import itertools
 
 import jax
@@ -31,8 +32,15 @@ def _ordered_pairs(n_modalities):
 
 
 @register("gcl")
-def gcl_loss(outputs, batch, *, axis_name=None, temperature=None, drop_other_positive=False,
-             keys=MODALITY_KEYS):
+def gcl_loss(
+    outputs,
+    batch,
+    *,
+    axis_name=None,
+    temperature=None,
+    drop_other_positive=False,
+    keys=MODALITY_KEYS,
+):
   """GCL: mean over local anchors and the six positive pairs of a 3N-way softmax cross-entropy.
 
   For anchor e_a^j and positive e_b^j the denominator holds e_a^j . e_m^k for every modality m and

@@ -6,6 +6,7 @@ similarity, so every score below is a cosine. The pieces are pure functions of a
 number of valid elements (words, anchors with at least one valid token), :func:`mean_over_valid`
 scales it so that ``pmean`` over devices equals the mean over the global batch.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -60,8 +61,9 @@ def _hinge_per_anchor(scores, own, margin, max_violation):
 
 
 @register("vsepp")
-def vsepp_loss(outputs, batch, *, axis_name=None, margin=0.2, max_violation=True, a="z_image",
-               b="z_text"):
+def vsepp_loss(
+    outputs, batch, *, axis_name=None, margin=0.2, max_violation=True, a="z_image", b="z_text"
+):
   """VSE++ hinge loss, both directions, negatives = all other samples across devices.
 
   Per anchor: [margin + s(anchor, negative) - s(anchor, positive)]_+ on the hardest negative
@@ -82,8 +84,17 @@ def vsepp_loss(outputs, batch, *, axis_name=None, margin=0.2, max_violation=True
 # --- Concept-level alignment ----------------------------------------------------------------------
 
 
-def concept_alignment_loss(image_tokens, text_tokens, text_mask, prototypes, *, epsilon=0.05,
-                           sinkhorn_iterations=3, temperature=0.1, axis_name=None):
+def concept_alignment_loss(
+    image_tokens,
+    text_tokens,
+    text_mask,
+    prototypes,
+    *,
+    epsilon=0.05,
+    sinkhorn_iterations=3,
+    temperature=0.1,
+    axis_name=None,
+):
   """Words predict the prototype assignment of their best-matching region of the same sample.
 
   Regions get balanced soft assignments to the (re-normalised) prototypes by Sinkhorn-Knopp over all
@@ -102,8 +113,9 @@ def concept_alignment_loss(image_tokens, text_tokens, text_mask, prototypes, *, 
   regions, words = l2_normalize(image_tokens), l2_normalize(text_tokens)
   batch, n_regions, _ = regions.shape
   region_scores = (regions @ protos.T).reshape(batch * n_regions, -1)
-  assignment = sinkhorn(region_scores, epsilon=epsilon, iterations=sinkhorn_iterations,
-                        axis_name=axis_name).reshape(batch, n_regions, -1)
+  assignment = sinkhorn(
+      region_scores, epsilon=epsilon, iterations=sinkhorn_iterations, axis_name=axis_name
+  ).reshape(batch, n_regions, -1)
   word_region = jax.lax.stop_gradient(jnp.einsum("bld,bpd->blp", words, regions))
   best_region = jnp.argmax(word_region, axis=-1)  # [B,L]
   target = jnp.take_along_axis(assignment, best_region[..., None], axis=1)  # [B,L,K]
@@ -152,8 +164,17 @@ def context_nce(global_a, locals_b, mask_b, *, temperature=0.7, num_negatives=51
   return mean_over_valid(per_anchor, count > 0, axis_name)
 
 
-def context_alignment_loss(z_image, z_text, image_tokens, text_tokens, text_mask, *,
-                           temperature=0.7, num_negatives=512, axis_name=None):
+def context_alignment_loss(
+    z_image,
+    z_text,
+    image_tokens,
+    text_tokens,
+    text_mask,
+    *,
+    temperature=0.7,
+    num_negatives=512,
+    axis_name=None,
+):
   """Mean of image-global vs text-locals and text-global vs image-locals :func:`context_nce`."""
   image_mask = jnp.ones(image_tokens.shape[:2], bool)
   kw = dict(temperature=temperature, num_negatives=num_negatives, axis_name=axis_name)
@@ -193,8 +214,9 @@ def mean_local(locals_, mask=None):
   return l2_normalize(total / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0))
 
 
-def selfalign_similarity(z_image, image_tokens, z_text, text_tokens, text_mask, *,
-                         pooling_temperature=0.1):
+def selfalign_similarity(
+    z_image, image_tokens, z_text, text_tokens, text_mask, *, pooling_temperature=0.1
+):
   """Final score matrix [images, texts]: g_i.g_t + 0.5 (ctx_i.mean_t + mean_i.ctx_t)."""
   ctx_i = context_vector(z_image, image_tokens, temperature=pooling_temperature)
   ctx_t = context_vector(z_text, text_tokens, text_mask, temperature=pooling_temperature)
@@ -204,14 +226,14 @@ def selfalign_similarity(z_image, image_tokens, z_text, text_tokens, text_mask, 
 
 def image_retrieval_vector(z_image, image_tokens, *, pooling_temperature=0.1):
   """[g_i, c*ctx_i, c*mean_i], c = sqrt(0.5): its dot with the text vector is the final score."""
-  c = CONTEXT_SCORE_WEIGHT ** 0.5
+  c = CONTEXT_SCORE_WEIGHT**0.5
   ctx = context_vector(z_image, image_tokens, temperature=pooling_temperature)
   return jnp.concatenate([z_image, c * ctx, c * mean_local(image_tokens)], axis=-1)
 
 
 def text_retrieval_vector(z_text, text_tokens, text_mask, *, pooling_temperature=0.1):
   """[g_t, c*mean_t, c*ctx_t] with c = sqrt(0.5), the partner of :func:`image_retrieval_vector`."""
-  c = CONTEXT_SCORE_WEIGHT ** 0.5
+  c = CONTEXT_SCORE_WEIGHT**0.5
   ctx = context_vector(z_text, text_tokens, text_mask, temperature=pooling_temperature)
   return jnp.concatenate([z_text, c * mean_local(text_tokens, text_mask), c * ctx], axis=-1)
 
@@ -220,37 +242,64 @@ def text_retrieval_vector(z_text, text_tokens, text_mask, *, pooling_temperature
 
 
 @register("selfalign")
-def selfalign_loss(outputs, batch, *, axis_name=None, margin=0.2, max_violation=True,
-                   concept_weight=1.0, context_weight=1.0, prototypes=None, epsilon=0.05,
-                   sinkhorn_iterations=3, concept_temperature=0.1, context_temperature=0.7,
-                   num_negatives=512):
+def selfalign_loss(
+    outputs,
+    batch,
+    *,
+    axis_name=None,
+    margin=0.2,
+    max_violation=True,
+    concept_weight=1.0,
+    context_weight=1.0,
+    prototypes=None,
+    epsilon=0.05,
+    sinkhorn_iterations=3,
+    concept_temperature=0.1,
+    context_temperature=0.7,
+    num_negatives=512,
+):
   """VSE++ + concept_weight * concept loss + context_weight * context loss.
 
   Reads ``z_image``, ``z_text``, ``image_tokens``, ``text_tokens``, ``text_mask`` (outputs, else
   batch) and the prototypes [K,d] (the ``prototypes`` hparam, else ``outputs['prototypes']``; only
   needed when ``concept_weight`` > 0).
   """
-  loss, metrics = vsepp_loss(outputs, batch, axis_name=axis_name, margin=margin,
-                             max_violation=max_violation)
+  loss, metrics = vsepp_loss(
+      outputs, batch, axis_name=axis_name, margin=margin, max_violation=max_violation
+  )
   metrics = dict(metrics, loss_vsepp=loss)
   text_mask = _text_mask(outputs, batch)
   if concept_weight:
     if prototypes is None:
       if "prototypes" not in outputs:
-        raise KeyError("selfalign concept loss needs prototypes: pass prototypes= or return "
-                       "'prototypes' from the model")
+        raise KeyError(
+            "selfalign concept loss needs prototypes: pass prototypes= or return "
+            "'prototypes' from the model"
+        )
       prototypes = outputs["prototypes"]
     concept = concept_alignment_loss(
-        outputs["image_tokens"], outputs["text_tokens"], text_mask, prototypes, epsilon=epsilon,
-        sinkhorn_iterations=sinkhorn_iterations, temperature=concept_temperature,
-        axis_name=axis_name)
+        outputs["image_tokens"],
+        outputs["text_tokens"],
+        text_mask,
+        prototypes,
+        epsilon=epsilon,
+        sinkhorn_iterations=sinkhorn_iterations,
+        temperature=concept_temperature,
+        axis_name=axis_name,
+    )
     loss = loss + concept_weight * concept
     metrics["loss_concept"] = concept
   if context_weight:
     context = context_alignment_loss(
-        outputs["z_image"], outputs["z_text"], outputs["image_tokens"], outputs["text_tokens"],
-        text_mask, temperature=context_temperature, num_negatives=num_negatives,
-        axis_name=axis_name)
+        outputs["z_image"],
+        outputs["z_text"],
+        outputs["image_tokens"],
+        outputs["text_tokens"],
+        text_mask,
+        temperature=context_temperature,
+        num_negatives=num_negatives,
+        axis_name=axis_name,
+    )
     loss = loss + context_weight * context
     metrics["loss_context"] = context
   return loss, metrics

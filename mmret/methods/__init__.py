@@ -6,6 +6,7 @@ parameters it reads (e.g. a distillation teacher). ``config.method.name`` select
 fields of ``config.method`` are its hyper-parameters. The pure array functions the methods are
 built from live beside this file (``solar.py``, ``sinkhorn.py``).
 """
+
 import dataclasses
 import importlib
 from typing import Any, Callable
@@ -18,9 +19,9 @@ PredictFn = Callable[[Any, dict], dict]
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  make_forward: Callable[..., ForwardFn]   # (model, **hparams) -> forward
-  make_predict: Callable[..., PredictFn]   # (model, **hparams) -> predict
-  init_frozen: Callable[..., Any]          # (model, params, **hparams) -> frozen pytree
+  make_forward: Callable[..., ForwardFn]  # (model, **hparams) -> forward
+  make_predict: Callable[..., PredictFn]  # (model, **hparams) -> predict
+  init_frozen: Callable[..., Any]  # (model, params, **hparams) -> frozen pytree
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -51,15 +52,23 @@ def _contrastive_forward(model):
   def forward(params, frozen, batch, *, rng, step):
     del frozen, step
     return model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+
   return forward
 
 
 def _contrastive_predict(model):
   def predict(params, batch):
     return model.apply({"params": params}, batch, train=False)
+
   return predict
 
 
 # The plain recipe: the model's outputs go straight to the loss.
-register("contrastive", Method(make_forward=_contrastive_forward, make_predict=_contrastive_predict,
-                               init_frozen=lambda model, params: {}))
+register(
+    "contrastive",
+    Method(
+        make_forward=_contrastive_forward,
+        make_predict=_contrastive_predict,
+        init_frozen=lambda model, params: {},
+    ),
+)

@@ -15,6 +15,7 @@ so that a plain dot product (exact or ScaNN search) equals the final similarity
 ``z_joint`` (image+text records) is the normalised sum of the two vectors of the chosen similarity,
 so all three outputs share one width and can be searched in one pool.
 """
+
 from mmret import methods
 from mmret.losses.selfalign import image_retrieval_vector, l2_normalize, text_retrieval_vector
 
@@ -47,8 +48,10 @@ def make_forward(model, *, similarity="final", pooling_temperature=0.1):
     outputs = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
     missing = [key for key in TRAIN_KEYS if key not in outputs]
     if missing:
-      raise KeyError(f"selfalign training needs image and text inputs; the model returned no "
-                     f"{missing} (batch keys: {sorted(batch)})")
+      raise KeyError(
+          f"selfalign training needs image and text inputs; the model returned no "
+          f"{missing} (batch keys: {sorted(batch)})"
+      )
     return outputs
 
   return forward
@@ -61,12 +64,16 @@ def retrieval_outputs(outputs, *, similarity="final", pooling_temperature=0.1):
     return outputs
   out = dict(outputs)
   if "z_image" in outputs:
-    out["z_image"] = image_retrieval_vector(outputs["z_image"], outputs["image_tokens"],
-                                            pooling_temperature=pooling_temperature)
+    out["z_image"] = image_retrieval_vector(
+        outputs["z_image"], outputs["image_tokens"], pooling_temperature=pooling_temperature
+    )
   if "z_text" in outputs:
-    out["z_text"] = text_retrieval_vector(outputs["z_text"], outputs["text_tokens"],
-                                          outputs["text_mask"],
-                                          pooling_temperature=pooling_temperature)
+    out["z_text"] = text_retrieval_vector(
+        outputs["z_text"],
+        outputs["text_tokens"],
+        outputs["text_mask"],
+        pooling_temperature=pooling_temperature,
+    )
   if "z_image" in outputs and "z_text" in outputs:
     out["z_joint"] = l2_normalize(out["z_image"] + out["z_text"])
   return out
@@ -79,8 +86,9 @@ def make_predict(model, *, similarity="final", pooling_temperature=0.1):
 
   def predict(params, batch):
     outputs = model.apply({"params": params}, batch, train=False)
-    return retrieval_outputs(outputs, similarity=similarity,
-                             pooling_temperature=pooling_temperature)
+    return retrieval_outputs(
+        outputs, similarity=similarity, pooling_temperature=pooling_temperature
+    )
 
   return predict
 
@@ -90,5 +98,7 @@ def init_frozen(model, params, **hparams):
   return {}
 
 
-SELFALIGN = methods.register("selfalign", methods.Method(
-    make_forward=make_forward, make_predict=make_predict, init_frozen=init_frozen))
+SELFALIGN = methods.register(
+    "selfalign",
+    methods.Method(make_forward=make_forward, make_predict=make_predict, init_frozen=init_frozen),
+)

@@ -1,4 +1,5 @@
 """Sinkhorn-Knopp soft assignment of samples to prototypes (SwAV / SelfAlign style)."""
+
 import jax
 import jax.numpy as jnp
 

@@ -6,6 +6,7 @@ Token features are L2-normalised before any similarity, so scores are cosines. F
 ``axis_name`` gather the other devices' samples over it and return values whose ``pmean`` over the
 devices equals the single-device value on the global batch.
 """
+
 import math
 
 import jax
@@ -43,22 +44,34 @@ def global_to_local_alignment(tokens, token_mask, partner_global, *, margin=0.2,
   mean_positive = jnp.sum(per_token_own * mask, -1) / jnp.maximum(count, 1.0)
   negative_weight = mask[:, :, None] * (~is_own)[:, None, :]
   mean_negative = jnp.sum(similarity * negative_weight, (1, 2)) / jnp.maximum(
-      count * (n_global - 1), 1.0)
+      count * (n_global - 1), 1.0
+  )
   hinge = jax.nn.relu(mean_negative + margin - mean_positive)
   if n_global == 1:  # no negative to compare with
     hinge = jnp.zeros_like(hinge)
   return mean_over_valid(hinge, count > 0, axis_name)
 
 
-def gla_loss(image_tokens, text_tokens, text_mask, z_image, z_text, *, margin=0.2, axis_name=None,
-             image_mask=None):
+def gla_loss(
+    image_tokens,
+    text_tokens,
+    text_mask,
+    z_image,
+    z_text,
+    *,
+    margin=0.2,
+    axis_name=None,
+    image_mask=None,
+):
   """Both GLA directions averaged: patches vs text globals and words vs image globals."""
   if image_mask is None:
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
-  patches = global_to_local_alignment(image_tokens, image_mask, z_text, margin=margin,
-                                      axis_name=axis_name)
-  words = global_to_local_alignment(text_tokens, text_mask, z_image, margin=margin,
-                                    axis_name=axis_name)
+  patches = global_to_local_alignment(
+      image_tokens, image_mask, z_text, margin=margin, axis_name=axis_name
+  )
+  words = global_to_local_alignment(
+      text_tokens, text_mask, z_image, margin=margin, axis_name=axis_name
+  )
   return 0.5 * (patches + words)
 
 
@@ -87,13 +100,15 @@ def correlation_distillation(teacher, student, mask=None, row_mask=None, *, axis
   return 1.0 - mean_over_valid(corr, valid, axis_name)
 
 
-def local_distillation(teacher_tokens, student_tokens, token_mask, *, include_self=False,
-                       axis_name=None):
+def local_distillation(
+    teacher_tokens, student_tokens, token_mask, *, include_self=False, axis_name=None
+):
   """LD: within-sample token-token cosine rows of the student correlate with the teacher's.
 
   Rows and entries run over the sample's valid tokens; the self-similarity entry (1 for both) is
   left out unless ``include_self``.
   """
+
   def token_similarity(x):
     x = l2_normalize(x)
     return jnp.einsum("btd,bsd->bts", x, x)
@@ -131,7 +146,8 @@ def gaussian_crossing(mean_a, var_a, mean_b, var_b, *, equal_variance_rtol=1e-6)
   means, the root nearest to their midpoint). Identical Gaussians give their mean.
   """
   mean_a, var_a, mean_b, var_b = (
-      jnp.asarray(x, jnp.float32) for x in (mean_a, var_a, mean_b, var_b))
+      jnp.asarray(x, jnp.float32) for x in (mean_a, var_a, mean_b, var_b)
+  )
   qa = 1.0 / var_a - 1.0 / var_b
   qb = -2.0 * (mean_a / var_a - mean_b / var_b)
   qc = mean_a**2 / var_a - mean_b**2 / var_b + jnp.log(var_a / var_b)
@@ -160,8 +176,15 @@ def _masked_moments(x, mask, axis_name, min_variance):
   return mean, jnp.maximum(variance, min_variance)
 
 
-def fit_threshold(positive_scores, negative_scores, positive_mask=None, negative_mask=None, *,
-                  axis_name=None, min_variance=1e-6):
+def fit_threshold(
+    positive_scores,
+    negative_scores,
+    positive_mask=None,
+    negative_mask=None,
+    *,
+    axis_name=None,
+    min_variance=1e-6,
+):
   """Threshold between score samples of positive and negative pairs (no gradient).
 
   Fits one Gaussian to each set (mean and population variance over the masked entries of all
@@ -193,13 +216,20 @@ def token_score_samples(tokens, token_mask, partner_global, *, axis_name=None):
   return token_scores(tokens, partner_global), token_mask, negative, negative_mask
 
 
-def intersection_threshold(tokens, token_mask, partner_global, *, axis_name=None,
-                           min_variance=1e-6):
+def intersection_threshold(
+    tokens, token_mask, partner_global, *, axis_name=None, min_variance=1e-6
+):
   """Density-crossing threshold of one modality's token scores (own partner vs in-batch others)."""
   samples = token_score_samples(tokens, token_mask, partner_global, axis_name=axis_name)
   positive, positive_mask, negative, negative_mask = samples
-  return fit_threshold(positive, negative, positive_mask, negative_mask, axis_name=axis_name,
-                       min_variance=min_variance)
+  return fit_threshold(
+      positive,
+      negative,
+      positive_mask,
+      negative_mask,
+      axis_name=axis_name,
+      min_variance=min_variance,
+  )
 
 
 def intersection_mask(scores, threshold, token_mask=None):
@@ -273,12 +303,17 @@ def masked_views(keys, intersection, valid, *, mask_ratio=0.3, negative_ratio=1.
   n_pos = jnp.where(n_shared >= 2, jnp.clip(jnp.round(mask_ratio * n_shared), 1, n_shared - 1), 0)
   difference = valid & ~intersection & droppable
   n_difference = jnp.sum(difference, -1)
-  n_neg = jnp.where(n_difference >= 1,
-                    jnp.clip(jnp.round(negative_ratio * n_difference), 1, n_difference), 0)
+  n_neg = jnp.where(
+      n_difference >= 1, jnp.clip(jnp.round(negative_ratio * n_difference), 1, n_difference), 0
+  )
   drop_pos = drop_random(key_pos, shared, n_pos.astype(jnp.int32))
   drop_neg = drop_random(key_neg, difference, n_neg.astype(jnp.int32))
-  return {"positive_keep": valid & ~drop_pos, "negative_keep": valid & ~drop_neg,
-          "has_positive": n_pos > 0, "has_negative": n_neg > 0}
+  return {
+      "positive_keep": valid & ~drop_pos,
+      "negative_keep": valid & ~drop_neg,
+      "has_positive": n_pos > 0,
+      "has_negative": n_neg > 0,
+  }
 
 
 def _grid_seeds(grid_shape, num_segments):
@@ -288,8 +323,11 @@ def _grid_seeds(grid_shape, num_segments):
   cols = max(1, min(width, math.ceil(num_segments / rows)))
   while rows * cols < num_segments:
     rows, cols = min(height, rows + 1), min(width, cols + 1)
-  centres = [(int((r + 0.5) * height / rows), int((c + 0.5) * width / cols))
-             for r in range(rows) for c in range(cols)]
+  centres = [
+      (int((r + 0.5) * height / rows), int((c + 0.5) * width / cols))
+      for r in range(rows)
+      for c in range(cols)
+  ]
   pick = np.linspace(0, len(centres) - 1, num_segments).round().astype(int)
   return np.array([centres[i][0] * width + centres[i][1] for i in pick])
 
@@ -312,12 +350,16 @@ def patch_segments(patch_features, grid_shape, num_segments, *, iterations=5, po
   position = np.stack([rows / max(height - 1, 1), cols / max(width - 1, 1)], -1)
   features = l2_normalize(jax.lax.stop_gradient(patch_features).astype(jnp.float32))
   points = jnp.concatenate(
-      [features, jnp.broadcast_to(position_weight * position, (batch, n_patches, 2))], -1)
+      [features, jnp.broadcast_to(position_weight * position, (batch, n_patches, 2))], -1
+  )
   centres = points[:, _grid_seeds(grid_shape, num_segments)]  # [B,S,D]
 
   def assign(centres):
-    distance = (jnp.sum(points**2, -1)[:, :, None] - 2 * jnp.einsum("bpd,bsd->bps", points, centres)
-                + jnp.sum(centres**2, -1)[:, None, :])
+    distance = (
+        jnp.sum(points**2, -1)[:, :, None]
+        - 2 * jnp.einsum("bpd,bsd->bps", points, centres)
+        + jnp.sum(centres**2, -1)[:, None, :]
+    )
     return jnp.argmin(distance, axis=-1)
 
   for _ in range(iterations):
@@ -336,16 +378,21 @@ def segment_scores(patch_scores, segment_ids, num_segments):
   return scores, counts > 0
 
 
-def image_views(keys, patch_scores, segment_ids, num_segments, threshold, *, mask_ratio=0.3,
-                negative_ratio=1.0):
+def image_views(
+    keys, patch_scores, segment_ids, num_segments, threshold, *, mask_ratio=0.3, negative_ratio=1.0
+):
   """Patch keep-masks of the image views: segments whose mean score exceeds ``threshold`` are the
   intersection; :func:`masked_views` picks segments to drop and every patch follows its segment."""
   scores, non_empty = segment_scores(patch_scores, segment_ids, num_segments)
-  views = masked_views(keys, scores > threshold, non_empty, mask_ratio=mask_ratio,
-                       negative_ratio=negative_ratio)
+  views = masked_views(
+      keys, scores > threshold, non_empty, mask_ratio=mask_ratio, negative_ratio=negative_ratio
+  )
   to_patches = lambda keep: jnp.take_along_axis(keep, segment_ids, axis=1)
-  return dict(views, positive_keep=to_patches(views["positive_keep"]),
-              negative_keep=to_patches(views["negative_keep"]))
+  return dict(
+      views,
+      positive_keep=to_patches(views["positive_keep"]),
+      negative_keep=to_patches(views["negative_keep"]),
+  )
 
 
 VIEW_MODES = ("both", "text", "image", "random")
@@ -363,13 +410,28 @@ def masked_modalities(keys, mode="random"):
     return choice != 1, choice != 0  # 0: text only, 1: image only, 2: both
   if mode not in VIEW_MODES:
     raise ValueError(f"unknown view mode {mode!r}; expected one of {VIEW_MODES}")
-  return (jnp.full((batch,), mode in ("both", "text")),
-          jnp.full((batch,), mode in ("both", "image")))
+  return (
+      jnp.full((batch,), mode in ("both", "text")),
+      jnp.full((batch,), mode in ("both", "image")),
+  )
 
 
-def stage2_views(rng, text_scores, text_threshold, text_mask, patch_scores, image_threshold,
-                 segment_ids, num_segments, *, mode="random", mask_ratio=0.3, negative_ratio=1.0,
-                 text_protected=None, axis_name=None):
+def stage2_views(
+    rng,
+    text_scores,
+    text_threshold,
+    text_mask,
+    patch_scores,
+    image_threshold,
+    segment_ids,
+    num_segments,
+    *,
+    mode="random",
+    mask_ratio=0.3,
+    negative_ratio=1.0,
+    text_protected=None,
+    axis_name=None,
+):
   """Text and image keep-masks for each sample's positive and hard-negative views.
 
   Text tokens scoring above ``text_threshold`` are the intersection; image segments likewise by mean
@@ -379,10 +441,23 @@ def stage2_views(rng, text_scores, text_threshold, text_mask, patch_scores, imag
   """
   keys = sample_keys(rng, text_scores.shape[0], axis_name=axis_name)
   split = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-  text = masked_views(split(0), text_scores > text_threshold, text_mask, mask_ratio=mask_ratio,
-                      negative_ratio=negative_ratio, protected=text_protected)
-  image = image_views(split(1), patch_scores, segment_ids, num_segments, image_threshold,
-                      mask_ratio=mask_ratio, negative_ratio=negative_ratio)
+  text = masked_views(
+      split(0),
+      text_scores > text_threshold,
+      text_mask,
+      mask_ratio=mask_ratio,
+      negative_ratio=negative_ratio,
+      protected=text_protected,
+  )
+  image = image_views(
+      split(1),
+      patch_scores,
+      segment_ids,
+      num_segments,
+      image_threshold,
+      mask_ratio=mask_ratio,
+      negative_ratio=negative_ratio,
+  )
   use_text, use_image = masked_modalities(split(2), mode)
   all_patches = jnp.ones(patch_scores.shape, bool)
   pick = lambda use, keep, full: jnp.where(use[:, None], keep, full)
@@ -416,8 +491,17 @@ def multi_positive_infonce(anchors, candidates, positive_mask, negative_mask, *,
   return jnp.where(valid, all_lse - positive_lse, 0.0), valid
 
 
-def stage2_contrastive_loss(f_anchor, f_positive, f_negative, has_positive, has_negative, *,
-                            temperature=0.05, symmetric=True, axis_name=None):
+def stage2_contrastive_loss(
+    f_anchor,
+    f_positive,
+    f_negative,
+    has_positive,
+    has_negative,
+    *,
+    temperature=0.05,
+    symmetric=True,
+    axis_name=None,
+):
   """Multi-positive InfoNCE over the joint embeddings of each sample's three views.
 
   Candidates are every sample's (all devices) original, positive view and hard-negative view. For
@@ -444,8 +528,9 @@ def stage2_contrastive_loss(f_anchor, f_positive, f_negative, has_positive, has_
 
   def anchored(anchors, positive_view):
     positive = same_sample & (column_view == positive_view)[None, :] & has_positive[:, None]
-    return multi_positive_infonce(anchors, candidates, positive, others | own_negative,
-                                  temperature=temperature)
+    return multi_positive_infonce(
+        anchors, candidates, positive, others | own_negative, temperature=temperature
+    )
 
   losses, valid = anchored(f_anchor, positive_view=1)
   if symmetric:

@@ -14,6 +14,7 @@ compute. ``random_masks=True`` is the ablation replacing learned masks by random
 density (the loss draws them from ``random_mask_rng``). Inference is the plain model: z_image and
 z_text from the joint encoder fed one modality, z_joint from it fed both.
 """
+
 import functools
 
 import jax
@@ -31,9 +32,11 @@ _DROPOUT, _VIEWS, _RANDOM_MASKS = 0, 1, 2
 
 def _check_model(model):
   if model.unimodal != "joint" or model.joint_kind != "encoder":
-    raise ValueError("SOLAR needs the joint encoder for every embedding: set "
-                     "model.joint_kind='encoder' and model.unimodal='joint' (got "
-                     f"joint_kind={model.joint_kind!r}, unimodal={model.unimodal!r})")
+    raise ValueError(
+        "SOLAR needs the joint encoder for every embedding: set "
+        "model.joint_kind='encoder' and model.unimodal='joint' (got "
+        f"joint_kind={model.joint_kind!r}, unimodal={model.unimodal!r})"
+    )
 
 
 def _apply(model, params, *args, method, train, rng=None, **kwargs):
@@ -43,29 +46,56 @@ def _apply(model, params, *args, method, train, rng=None, **kwargs):
 
 def tower_pass(model, params, batch, *, train, rng=None):
   """Adapted tokens of both modalities and the unmasked unimodal globals of the joint encoder."""
-  image = _apply(model, params, batch["image"], method=RetrievalModel.encode_image, train=train,
-                 rng=rng)
-  text = _apply(model, params, batch["text_ids"], batch["text_mask"],
-                method=RetrievalModel.encode_text, train=train, rng=rng)
-  encode_joint = functools.partial(_apply, model, params, method=RetrievalModel.encode_joint,
-                                   train=train, rng=rng)
-  return {"image_tokens": image["image_tokens"], "text_tokens": text["text_tokens"],
-          "text_mask": batch["text_mask"],
-          "z_image": encode_joint(image["image_tokens"]),
-          "z_text": encode_joint(text_tokens=text["text_tokens"], text_mask=batch["text_mask"]),
-          "encode_joint": encode_joint}
+  image = _apply(
+      model, params, batch["image"], method=RetrievalModel.encode_image, train=train, rng=rng
+  )
+  text = _apply(
+      model,
+      params,
+      batch["text_ids"],
+      batch["text_mask"],
+      method=RetrievalModel.encode_text,
+      train=train,
+      rng=rng,
+  )
+  encode_joint = functools.partial(
+      _apply, model, params, method=RetrievalModel.encode_joint, train=train, rng=rng
+  )
+  return {
+      "image_tokens": image["image_tokens"],
+      "text_tokens": text["text_tokens"],
+      "text_mask": batch["text_mask"],
+      "z_image": encode_joint(image["image_tokens"]),
+      "z_text": encode_joint(text_tokens=text["text_tokens"], text_mask=batch["text_mask"]),
+      "encode_joint": encode_joint,
+  }
 
 
 def teacher_pass(model, params, teacher, batch):
   """Tokens and pooled vectors of the frozen teacher towers (raw tower outputs, no adapter)."""
   towers = jax.lax.stop_gradient(teacher)
   merged = dict(params, **towers)
-  image = _apply(model, merged, batch["image"], train=False,
-                 method=lambda m, x, train: m.image_tower(x, train=train))
-  text = _apply(model, merged, batch["text_ids"], batch["text_mask"], train=False,
-                method=lambda m, ids, mask, train: m.text_tower(ids, mask, train=train))
-  return {"teacher_image_tokens": image["tokens"], "teacher_image_global": image["pooled"],
-          "teacher_text_tokens": text["tokens"], "teacher_text_global": text["pooled"]}
+  image = _apply(
+      model,
+      merged,
+      batch["image"],
+      train=False,
+      method=lambda m, x, train: m.image_tower(x, train=train),
+  )
+  text = _apply(
+      model,
+      merged,
+      batch["text_ids"],
+      batch["text_mask"],
+      train=False,
+      method=lambda m, ids, mask, train: m.text_tower(ids, mask, train=train),
+  )
+  return {
+      "teacher_image_tokens": image["tokens"],
+      "teacher_image_global": image["pooled"],
+      "teacher_text_tokens": text["tokens"],
+      "teacher_text_global": text["pooled"],
+  }
 
 
 def _copy(tree):
@@ -87,8 +117,7 @@ def _predict(model, **hparams):
 # --------------------------------------------------------------------------------------------------
 
 
-def make_stage1_forward(model, *, anneal_steps=100, anneal_schedule="linear",
-                        random_masks=False):
+def make_stage1_forward(model, *, anneal_steps=100, anneal_schedule="linear", random_masks=False):
   """Stage-1 forward; ``anneal_steps``/``anneal_schedule``: rho goes 1 -> 0 (see ``anneal_rho``)."""
   _check_model(model)
   solar.anneal_rho(0, anneal_steps, schedule=anneal_schedule)  # validates the schedule name
@@ -114,8 +143,10 @@ def stage1_teacher(model, params, **hparams):
   return _copy({name: params[name] for name in TOWERS})
 
 
-SOLAR_STAGE1 = register("solar_stage1", Method(
-    make_forward=make_stage1_forward, make_predict=_predict, init_frozen=stage1_teacher))
+SOLAR_STAGE1 = register(
+    "solar_stage1",
+    Method(make_forward=make_stage1_forward, make_predict=_predict, init_frozen=stage1_teacher),
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,8 +154,9 @@ SOLAR_STAGE1 = register("solar_stage1", Method(
 # --------------------------------------------------------------------------------------------------
 
 
-def make_stage2_forward(model, *, num_segments=4, segment_iterations=5,
-                        segment_position_weight=1.0, random_masks=False):
+def make_stage2_forward(
+    model, *, num_segments=4, segment_iterations=5, segment_position_weight=1.0, random_masks=False
+):
   """Stage-2 forward: trained tower pass, frozen mask-model pass and patch segments.
 
   Patches are grouped per image into ``num_segments`` segments by k-means on the mask model's
@@ -140,12 +172,20 @@ def make_stage2_forward(model, *, num_segments=4, segment_iterations=5,
     image_tokens = mask_model["image_tokens"]
     grid = solar_losses.patch_grid(image_tokens.shape[1])
     outputs.update(
-        mask_image_tokens=image_tokens, mask_text_tokens=mask_model["text_tokens"],
-        mask_z_image=mask_model["z_image"], mask_z_text=mask_model["z_text"],
-        segment_ids=solar.patch_segments(image_tokens, grid, num_segments,
-                                         iterations=segment_iterations,
-                                         position_weight=segment_position_weight),
-        num_segments=num_segments, view_rng=jax.random.fold_in(rng, _VIEWS))
+        mask_image_tokens=image_tokens,
+        mask_text_tokens=mask_model["text_tokens"],
+        mask_z_image=mask_model["z_image"],
+        mask_z_text=mask_model["z_text"],
+        segment_ids=solar.patch_segments(
+            image_tokens,
+            grid,
+            num_segments,
+            iterations=segment_iterations,
+            position_weight=segment_position_weight,
+        ),
+        num_segments=num_segments,
+        view_rng=jax.random.fold_in(rng, _VIEWS),
+    )
     if random_masks:
       outputs["random_mask_rng"] = jax.random.fold_in(rng, _RANDOM_MASKS)
     return outputs
@@ -159,5 +199,7 @@ def stage2_mask_model(model, params, **hparams):
   return _copy(params)
 
 
-SOLAR_STAGE2 = register("solar_stage2", Method(
-    make_forward=make_stage2_forward, make_predict=_predict, init_frozen=stage2_mask_model))
+SOLAR_STAGE2 = register(
+    "solar_stage2",
+    Method(make_forward=make_stage2_forward, make_predict=_predict, init_frozen=stage2_mask_model),
+)

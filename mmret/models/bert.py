@@ -5,6 +5,7 @@
 Pooling: 'mean' over real tokens (sentence-transformers' MiniLM), 'cls' (BGE) or 'eos' (the
 last real token). Same call signature and outputs as :class:`mmret.models.text.TextTransformer`.
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -22,11 +23,11 @@ class BertBlock(nn.Module):
   @nn.compact
   def __call__(self, x, attention_bias, *, train: bool):
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    y = Attention(self.heads, self.dropout, self.dtype, name="attn")(x, attention_bias,
-                                                                     train=train)
+    y = Attention(self.heads, self.dropout, self.dtype, name="attn")(x, attention_bias, train=train)
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_attn")(x + drop(y))
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(
-        x, train=train)
+        x, train=train
+    )
     return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_mlp")(x + drop(y))
 
 
@@ -55,19 +56,28 @@ class BertEncoder(nn.Module):
     length = text_ids.shape[1]
     if length > self.max_len:
       raise ValueError(f"text length {length} exceeds the model's max_len {self.max_len}")
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                 name="token_embed")(text_ids).astype(self.dtype)
+    x = nn.Embed(
+        self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="token_embed"
+    )(text_ids).astype(self.dtype)
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, self.max_len, self.width))
     # Every text is one segment: token type 0 (what sentence encoders see at inference).
-    types = self.param("type_embed", nn.initializers.normal(0.02),
-                       (self.type_vocab_size, self.width))
+    types = self.param(
+        "type_embed", nn.initializers.normal(0.02), (self.type_vocab_size, self.width)
+    )
     x = x + pos[:, :length].astype(self.dtype) + types[0].astype(self.dtype)
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     bias = key_bias(text_mask, self.dtype)
     for i in range(self.depth):
-      x = BertBlock(self.heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
-                    self.ln_eps, name=f"block{i}")(x, bias, train=train)
+      x = BertBlock(
+          self.heads,
+          self.mlp_dim,
+          self.dropout,
+          self.dtype,
+          self.activation,
+          self.ln_eps,
+          name=f"block{i}",
+      )(x, bias, train=train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "mean":

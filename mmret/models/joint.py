@@ -1,4 +1,5 @@
 """Joint encoder over [CLS; image tokens; text tokens] with per-token attention weights."""
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -12,6 +13,7 @@ class JointEncoder(nn.Module):
   included, may attend to (1 = visible, 0 = hidden, in between = down-weighted); text padding is
   always hidden. Either modality may be absent (unimodal embeddings from the same encoder).
   """
+
   depth: int
   heads: int
   mlp_dim: int
@@ -19,8 +21,16 @@ class JointEncoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image_tokens=None, text_tokens=None, text_mask=None, *,
-               image_weights=None, text_weights=None, train: bool = False):
+  def __call__(
+      self,
+      image_tokens=None,
+      text_tokens=None,
+      text_mask=None,
+      *,
+      image_weights=None,
+      text_weights=None,
+      train: bool = False,
+  ):
     if image_tokens is None and text_tokens is None:
       raise ValueError("JointEncoder needs image tokens, text tokens or both")
     ref = image_tokens if image_tokens is not None else text_tokens
@@ -31,17 +41,24 @@ class JointEncoder(nn.Module):
     weights = [jnp.ones((b, 1), jnp.float32)]
     if image_tokens is not None:
       parts.append((image_tokens + type_embed[0]).astype(self.dtype))
-      weights.append(jnp.ones(image_tokens.shape[:2], jnp.float32) if image_weights is None
-                     else image_weights.astype(jnp.float32))
+      weights.append(
+          jnp.ones(image_tokens.shape[:2], jnp.float32)
+          if image_weights is None
+          else image_weights.astype(jnp.float32)
+      )
     if text_tokens is not None:
       parts.append((text_tokens + type_embed[1]).astype(self.dtype))
-      w = jnp.ones(text_tokens.shape[:2], jnp.float32) if text_weights is None \
+      w = (
+          jnp.ones(text_tokens.shape[:2], jnp.float32)
+          if text_weights is None
           else text_weights.astype(jnp.float32)
+      )
       if text_mask is not None:
         w = w * text_mask.astype(jnp.float32)
       weights.append(w)
     x = jnp.concatenate(parts, axis=1)
     bias = key_bias(jnp.concatenate(weights, axis=1), self.dtype)
-    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
-                name="encoder")(x, bias, train=train)
+    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype, name="encoder")(
+        x, bias, train=train
+    )
     return x[:, 0]

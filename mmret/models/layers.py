@@ -1,4 +1,5 @@
 """Transformer building blocks shared by the image, text and joint encoders."""
+
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +54,7 @@ class Attention(nn.Module):
   Parameters: query/key/value/out Dense layers of shape [width, width], the layout the
   pretrained-checkpoint converters write into.
   """
+
   heads: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
@@ -82,6 +84,7 @@ class EncoderBlock(nn.Module):
   ``layer_scale`` (DINOv2) multiplies each branch by a learned per-channel vector (``ls1``,
   ``ls2``) before the residual sum.
   """
+
   heads: int
   mlp_dim: int
   dropout: float = 0.0
@@ -98,17 +101,18 @@ class EncoderBlock(nn.Module):
       return x + nn.Dropout(self.dropout, deterministic=not train)(branch)
 
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln1")(x)
-    y = Attention(self.heads, self.dropout, self.dtype, name="attn")(y, attention_bias,
-                                                                     train=train)
+    y = Attention(self.heads, self.dropout, self.dtype, name="attn")(y, attention_bias, train=train)
     x = residual(y, "ls1")
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(
-        y, train=train)
+        y, train=train
+    )
     return residual(y, "ls2")
 
 
 class Encoder(nn.Module):
   """A stack of ``depth`` pre-LN blocks followed by a final LayerNorm."""
+
   depth: int
   heads: int
   mlp_dim: int
@@ -121,9 +125,16 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, attention_bias=None, *, train: bool):
     for i in range(self.depth):
-      x = EncoderBlock(self.heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
-                       self.ln_eps, self.layer_scale, name=f"block{i}")(
-                           x, attention_bias, train=train)
+      x = EncoderBlock(
+          self.heads,
+          self.mlp_dim,
+          self.dropout,
+          self.dtype,
+          self.activation,
+          self.ln_eps,
+          self.layer_scale,
+          name=f"block{i}",
+      )(x, attention_bias, train=train)
     return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
 
 

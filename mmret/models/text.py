@@ -4,6 +4,7 @@
 pretrained checkpoints; with ``causal=True`` and ``pool='eos'`` this is CLIP's text encoder (the
 end token is the last real token of mmret's tokenizers, where CLIP pools).
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -32,15 +33,24 @@ class TextTransformer(nn.Module):
     length = text_ids.shape[1]
     if length > self.max_len:
       raise ValueError(f"text length {length} exceeds the model's max_len {self.max_len}")
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                 name="token_embed")(text_ids).astype(self.dtype)
+    x = nn.Embed(
+        self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="token_embed"
+    )(text_ids).astype(self.dtype)
     pos = self.param("pos_embed", nn.initializers.normal(0.01), (1, self.max_len, self.width))
     x = x + pos[:, :length].astype(self.dtype)
     bias = key_bias(text_mask, self.dtype)
     if self.causal:
       bias = bias + causal_bias(length, self.dtype)
-    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
-                self.ln_eps, name="encoder")(x, bias, train=train)
+    x = Encoder(
+        self.depth,
+        self.heads,
+        self.mlp_dim,
+        self.dropout,
+        self.dtype,
+        self.activation,
+        self.ln_eps,
+        name="encoder",
+    )(x, bias, train=train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "mean":

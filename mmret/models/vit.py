@@ -8,6 +8,7 @@ Options for pretrained variants (defaults = mmret's own ViT):
 The final LayerNorm is applied to every token, so the pooled class token equals CLIP's
 ``ln_post(x[:, 0])`` and ViT/DINOv2's ``layernorm(x)[:, 0]``.
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -33,8 +34,14 @@ class ViT(nn.Module):
     """images [B,H,W,3] float -> dict(tokens=[B,P,w] patch tokens, pooled=[B,w])."""
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"ViT pool must be 'cls' or 'gap', got {self.pool!r}")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
+    x = nn.Conv(
+        self.width,
+        (self.patch_size,) * 2,
+        strides=(self.patch_size,) * 2,
+        padding="VALID",
+        dtype=self.dtype,
+        name="patch_embed",
+    )(images.astype(self.dtype))
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if self.pool == "cls":
@@ -44,8 +51,17 @@ class ViT(nn.Module):
     x = x + pos.astype(x.dtype)
     if self.ln_pre:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_pre")(x)
-    x = Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
-                self.ln_eps, self.layer_scale, name="encoder")(x, train=train)
+    x = Encoder(
+        self.depth,
+        self.heads,
+        self.mlp_dim,
+        self.dropout,
+        self.dtype,
+        self.activation,
+        self.ln_eps,
+        self.layer_scale,
+        name="encoder",
+    )(x, train=train)
     if self.pool == "cls":
       return {"tokens": x[:, 1:], "pooled": x[:, 0]}
     return {"tokens": x, "pooled": x.mean(axis=1)}

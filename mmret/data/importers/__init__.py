@@ -13,14 +13,21 @@ Formats (see each planner for its layout and options):
 The record schemas' feature definitions (``pairs_features`` ... ``candidates_features``) live in
 ``schema`` and are shared by every mmret dataset builder.
 """
+
 import inspect
 
 from mmret.data.importers import captions
 from mmret.data.importers import records
 from mmret.data.importers import retrieval
 from mmret.data.importers.records import BadRecord, ProblemLog, RecordError, SchemaError
-from mmret.data.importers.schema import (blank_example, caption5_features, candidates_features,
-                                         merge_features, pairs_features, queries_features)
+from mmret.data.importers.schema import (
+    blank_example,
+    caption5_features,
+    candidates_features,
+    merge_features,
+    pairs_features,
+    queries_features,
+)
 from mmret.data.importers.writer import EmptySplitError, ImportPlan, write_dataset
 
 PLANNERS = {
@@ -42,16 +49,25 @@ def plan_import(format_name: str, src: str, problems: ProblemLog, **options) -> 
   options = {k: v for k, v in options.items() if v is not None}
   not_applicable = sorted(set(options) - set(accepted))
   if not_applicable:
-    raise ValueError(f"options {not_applicable} do not apply to format {format_name!r} "
-                     f"(it takes {sorted(set(accepted) - {'src', 'problems'})})")
+    raise ValueError(
+        f"options {not_applicable} do not apply to format {format_name!r} "
+        f"(it takes {sorted(set(accepted) - {'src', 'problems'})})"
+    )
   if "problems" in accepted:
     options["problems"] = problems
   records.require_dir(src, f"{format_name} source folder")
   return planner(src, **options)
 
 
-def import_dataset(format_name: str, src: str, out: str, *, on_error: str = "skip",
-                   overwrite: bool = False, **options) -> dict:
+def import_dataset(
+    format_name: str,
+    src: str,
+    out: str,
+    *,
+    on_error: str = "skip",
+    overwrite: bool = False,
+    **options,
+) -> dict:
   """Imports ``src`` (in ``format_name``) into the tfds dataset directory ``out``.
 
   Bad records are skipped and counted (``on_error='skip'``) or stop the import with a
@@ -60,14 +76,32 @@ def import_dataset(format_name: str, src: str, out: str, *, on_error: str = "ski
   """
   problems = ProblemLog(on_error)
   plan = plan_import(format_name, src, problems, **options)
-  metadata = {"format": format_name, "src": str(src), "options": {
-      k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v is not None}}
+  metadata = {
+      "format": format_name,
+      "src": str(src),
+      "options": {
+          k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v is not None
+      },
+  }
   write_dataset(plan, out, problems, metadata=metadata, overwrite=overwrite)
   return {**metadata, **problems.summary()}
 
 
 __all__ = [
-    "BadRecord", "EmptySplitError", "FORMATS", "ImportPlan", "ProblemLog", "RecordError",
-    "SchemaError", "blank_example", "caption5_features", "candidates_features", "import_dataset",
-    "merge_features", "pairs_features", "plan_import", "queries_features", "write_dataset",
+    "BadRecord",
+    "EmptySplitError",
+    "FORMATS",
+    "ImportPlan",
+    "ProblemLog",
+    "RecordError",
+    "SchemaError",
+    "blank_example",
+    "caption5_features",
+    "candidates_features",
+    "import_dataset",
+    "merge_features",
+    "pairs_features",
+    "plan_import",
+    "queries_features",
+    "write_dataset",
 ]

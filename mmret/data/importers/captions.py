@@ -8,6 +8,7 @@ Ids: a pair's id is its caption's own id where the format has one (COCO annotati
 Karpathy ``sentid``, LCS-558K ``id``), else ``<image id>#<caption index>``; a CAPTION5 record's id
 is the image id (COCO ``id``, Karpathy ``imgid``, else the file name).
 """
+
 import dataclasses
 import glob
 import os
@@ -26,6 +27,7 @@ LCS_ANNOTATIONS_FILE = "blip_laion_cc_sbu_558k.json"
 @dataclasses.dataclass
 class _Image:
   """A source image with its captions, as read from the annotation file."""
+
   image_id: str
   path: str  # relative to the image root
   captions: list  # (caption id or None, raw caption value) in file order
@@ -50,11 +52,15 @@ def _pairs_source(images: list, reader: records.ImageReader):
           if image.problem:
             raise _image_problem(image, record_id)
           if not isinstance(caption, str):
-            raise BadRecord("missing_field", record_id, image.source,
-                            "caption is missing or not text")
+            raise BadRecord(
+                "missing_field", record_id, image.source, "caption is missing or not text"
+            )
           text = records.clean_text(caption, "caption", record_id, image.source)
-          return {"id": record_id, "image": reader.read(image.path, record_id, image.source),
-                  "caption": text}
+          return {
+              "id": record_id,
+              "image": reader.read(image.path, record_id, image.source),
+              "caption": text,
+          }
 
         yield record_id, image.source, build
 
@@ -72,8 +78,12 @@ def _caption5_source(images: list, reader: records.ImageReader, captions_per_ima
           raise _image_problem(image, image.image_id)
         texts = [c.strip() for _, c in image.captions if isinstance(c, str) and c.strip()]
         if len(texts) < captions_per_image:
-          raise BadRecord("too_few_captions", image.image_id, image.source,
-                          f"{len(texts)} non-empty captions, {captions_per_image} needed")
+          raise BadRecord(
+              "too_few_captions",
+              image.image_id,
+              image.source,
+              f"{len(texts)} non-empty captions, {captions_per_image} needed",
+          )
         image_bytes = reader.read(image.path, image.image_id, image.source)
         return {"id": image.image_id, "image": image_bytes, "captions": texts[:captions_per_image]}
 
@@ -105,9 +115,15 @@ def _chain(*sources):
   return source
 
 
-def plan_coco(src: str, *, split: str = "train2017", annotations: str | None = None,
-              images: str | None = None, outputs: tuple = ("pairs", "caption5"),
-              captions_per_image: int = 5) -> ImportPlan:
+def plan_coco(
+    src: str,
+    *,
+    split: str = "train2017",
+    annotations: str | None = None,
+    images: str | None = None,
+    outputs: tuple = ("pairs", "caption5"),
+    captions_per_image: int = 5,
+) -> ImportPlan:
   """COCO captions (``annotations/captions_<split>.json`` + ``<split>/`` images under ``src``).
 
   Writes PAIRS split ``<split>`` and CAPTION5 split ``<split>_caption5`` (``outputs`` picks which:
@@ -115,8 +131,9 @@ def plan_coco(src: str, *, split: str = "train2017", annotations: str | None = N
   """
   annotations = annotations or os.path.join(src, "annotations", f"captions_{split}.json")
   image_root = records.require_dir(images or os.path.join(src, split), "COCO image folder")
-  content = records.load_json(annotations, dict,
-                              "COCO captions file with 'images' and 'annotations'")
+  content = records.load_json(
+      annotations, dict, "COCO captions file with 'images' and 'annotations'"
+  )
   for key in ("images", "annotations"):
     if not isinstance(content.get(key), list):
       raise records.SchemaError(f"{annotations}: COCO captions file needs a list under {key!r}")
@@ -129,8 +146,14 @@ def plan_coco(src: str, *, split: str = "train2017", annotations: str | None = N
       bad_entries.append(problem)
       continue
     if image_id in by_id:  # named by position: the id itself belongs to the first entry
-      bad_entries.append(BadRecord("duplicate_id", f"images[{index}]", annotations,
-                                   f"image id {image_id!r} is listed twice under 'images'"))
+      bad_entries.append(
+          BadRecord(
+              "duplicate_id",
+              f"images[{index}]",
+              annotations,
+              f"image id {image_id!r} is listed twice under 'images'",
+          )
+      )
       continue
     image = by_id[image_id] = _Image(image_id, "", [], annotations)
     try:
@@ -148,8 +171,14 @@ def plan_coco(src: str, *, split: str = "train2017", annotations: str | None = N
       continue
     caption_id = str(annotation["id"]) if annotation.get("id") is not None else None
     if image_id not in by_id:
-      bad_annotations.append(BadRecord("unknown_image", caption_id or record_id, annotations,
-                                       f"image_id {image_id!r} is not listed under 'images'"))
+      bad_annotations.append(
+          BadRecord(
+              "unknown_image",
+              caption_id or record_id,
+              annotations,
+              f"image_id {image_id!r} is not listed under 'images'",
+          )
+      )
       continue
     by_id[image_id].captions.append((caption_id, annotation.get("caption")))
 
@@ -158,13 +187,15 @@ def plan_coco(src: str, *, split: str = "train2017", annotations: str | None = N
   schemas, sources = {}, {}
   if "pairs" in outputs:
     schemas[split] = schema.pairs_features()
-    sources[split] = _chain(_bad_entry_source(bad_entries + bad_annotations),
-                            _pairs_source(images_in_order, reader))
+    sources[split] = _chain(
+        _bad_entry_source(bad_entries + bad_annotations), _pairs_source(images_in_order, reader)
+    )
   if "caption5" in outputs:
     schemas[f"{split}_caption5"] = schema.caption5_features()
     sources[f"{split}_caption5"] = _chain(
         _bad_entry_source(bad_entries),
-        _caption5_source(images_in_order, reader, captions_per_image))
+        _caption5_source(images_in_order, reader, captions_per_image),
+    )
   if not sources:
     raise ValueError(f"outputs must name 'pairs' and/or 'caption5', got {outputs!r}")
   return ImportPlan(f"COCO captions imported from {annotations}", schemas, sources)
@@ -175,12 +206,19 @@ def _find_karpathy_file(src: str) -> str:
   if len(found) != 1:
     raise records.SchemaError(
         f"expected exactly one Karpathy split file dataset_*.json in {src}, found "
-        f"{[os.path.basename(f) for f in found] or 'none'}; pass annotations= (--annotations)")
+        f"{[os.path.basename(f) for f in found] or 'none'}; pass annotations= (--annotations)"
+    )
   return found[0]
 
 
-def plan_karpathy(src: str, *, split: str = "train,val,test", annotations: str | None = None,
-                  images: str | None = None, captions_per_image: int = 5) -> ImportPlan:
+def plan_karpathy(
+    src: str,
+    *,
+    split: str = "train,val,test",
+    annotations: str | None = None,
+    images: str | None = None,
+    captions_per_image: int = 5,
+) -> ImportPlan:
   """Karpathy split JSON (``dataset_{coco,flickr30k,flickr8k}.json``) + image root.
 
   Writes PAIRS ``train`` (Karpathy train + restval) and CAPTION5 ``val`` / ``test``; ``split`` is a
@@ -202,8 +240,11 @@ def plan_karpathy(src: str, *, split: str = "train,val,test", annotations: str |
   for index, entry in enumerate(content["images"]):
     try:
       file_name = records.get_field(entry, "filename", f"images[{index}]", annotations)
-      image_id = (records.get_field(entry, "imgid", file_name, annotations)
-                  if entry.get("imgid") is not None else file_name)
+      image_id = (
+          records.get_field(entry, "imgid", file_name, annotations)
+          if entry.get("imgid") is not None
+          else file_name
+      )
       source_split = records.get_field(entry, "split", image_id, annotations)
     except BadRecord as problem:
       unplaced.append(problem)
@@ -214,8 +255,12 @@ def plan_karpathy(src: str, *, split: str = "train,val,test", annotations: str |
     try:
       sentences = records.get_field(entry, "sentences", image_id, annotations, kind=list)
       image.captions = [
-          ((str(s["sentid"]) if isinstance(s, dict) and s.get("sentid") is not None else None),
-           (s.get("raw") if isinstance(s, dict) else None)) for s in sentences]
+          (
+              (str(s["sentid"]) if isinstance(s, dict) and s.get("sentid") is not None else None),
+              (s.get("raw") if isinstance(s, dict) else None),
+          )
+          for s in sentences
+      ]
     except BadRecord as problem:
       image.problem = problem
       image.captions = [(None, None)]  # one PAIRS record carries the problem
@@ -234,8 +279,9 @@ def plan_karpathy(src: str, *, split: str = "train,val,test", annotations: str |
   return ImportPlan(f"Karpathy split imported from {annotations}", schemas, sources)
 
 
-def plan_lcs558k(src: str, *, split: str = "train", annotations: str | None = None,
-                 images: str | None = None) -> ImportPlan:
+def plan_lcs558k(
+    src: str, *, split: str = "train", annotations: str | None = None, images: str | None = None
+) -> ImportPlan:
   """LCS-558K (LLaVA pretraining captions): a JSON list of ``{"id", "image", "conversations"}``.
 
   The caption is the first ``{"from": "gpt"}`` turn's ``value``. Defaults: annotations
@@ -251,8 +297,11 @@ def plan_lcs558k(src: str, *, split: str = "train", annotations: str | None = No
 
   def source():
     for index, entry in enumerate(entries):
-      record_id = (str(entry["id"]) if isinstance(entry, dict) and entry.get("id") is not None
-                   else f"entry {index}")
+      record_id = (
+          str(entry["id"])
+          if isinstance(entry, dict) and entry.get("id") is not None
+          else f"entry {index}"
+      )
 
       def build(entry=entry, record_id=record_id):
         records.get_field(entry, "id", record_id, annotations)
@@ -260,13 +309,23 @@ def plan_lcs558k(src: str, *, split: str = "train", annotations: str | None = No
         turns = records.get_field(entry, "conversations", record_id, annotations, kind=list)
         answers = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
         if not answers or not isinstance(answers[0], str):
-          raise BadRecord("missing_field", record_id, annotations,
-                          "no conversation turn from 'gpt' with a text 'value'")
+          raise BadRecord(
+              "missing_field",
+              record_id,
+              annotations,
+              "no conversation turn from 'gpt' with a text 'value'",
+          )
         caption = records.clean_text(answers[0], "caption", record_id, annotations)
-        return {"id": record_id, "image": reader.read(image_path, record_id, annotations),
-                "caption": caption}
+        return {
+            "id": record_id,
+            "image": reader.read(image_path, record_id, annotations),
+            "caption": caption,
+        }
 
       yield record_id, annotations, build
 
-  return ImportPlan(f"LCS-558K captions imported from {annotations}",
-                    {split: schema.pairs_features()}, {split: source})
+  return ImportPlan(
+      f"LCS-558K captions imported from {annotations}",
+      {split: schema.pairs_features()},
+      {split: source},
+  )

@@ -7,6 +7,7 @@ Two kinds of bad input:
   the record and counts it in ``ProblemLog``, or, with ``on_error='fail'``, stops the import with a
   ``RecordError`` naming the file and the record.
 """
+
 import collections
 import io
 import json
@@ -105,7 +106,8 @@ class ProblemLog:
                     reason: {"count": count, "examples": self._examples[split][reason]}
                     for reason, count in sorted(self._counts[split].items())
                 },
-            } for split in splits
+            }
+            for split in splits
         },
         "total_written": sum(self.written.values()),
         "total_skipped": sum(self._skipped.values()),
@@ -119,8 +121,9 @@ def format_summary(summary: dict) -> str:
     lines.append(f"{split}: {info['written']} written, {info['skipped']} skipped")
     for reason, problem in info["problems"].items():
       first = problem["examples"][0] if problem["examples"] else {}
-      lines.append(f"  {reason}: {problem['count']} "
-                   f"(first: {first.get('id')!r} in {first.get('file')})")
+      lines.append(
+          f"  {reason}: {problem['count']} " f"(first: {first.get('id')!r} in {first.get('file')})"
+      )
   return "\n".join(lines)
 
 
@@ -146,8 +149,10 @@ def load_json(path: str, expected_type: type, what: str) -> Any:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise SchemaError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(content, expected_type):
-    raise SchemaError(f"{path}: top-level JSON must be a {expected_type.__name__} ({what}), "
-                      f"got {type(content).__name__}")
+    raise SchemaError(
+        f"{path}: top-level JSON must be a {expected_type.__name__} ({what}), "
+        f"got {type(content).__name__}"
+    )
   return content
 
 
@@ -165,8 +170,12 @@ def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, Any]]:
         yield line_number, BadRecord("invalid_json", f"line {line_number}", path, str(e))
         continue
       if not isinstance(row, dict):
-        yield line_number, BadRecord("invalid_json", f"line {line_number}", path,
-                                     f"expected a JSON object, got {type(row).__name__}")
+        yield line_number, BadRecord(
+            "invalid_json",
+            f"line {line_number}",
+            path,
+            f"expected a JSON object, got {type(row).__name__}",
+        )
         continue
       yield line_number, row
 
@@ -174,16 +183,21 @@ def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, Any]]:
 def get_field(row: dict, name: str, record_id: str, source: str, kind: type = str) -> Any:
   """``row[name]``, which must be present, not None and of type ``kind``, else a BadRecord."""
   if not isinstance(row, dict):
-    raise BadRecord("invalid_record", record_id, source,
-                    f"expected a JSON object, got {type(row).__name__}")
+    raise BadRecord(
+        "invalid_record", record_id, source, f"expected a JSON object, got {type(row).__name__}"
+    )
   if row.get(name) is None:
     raise BadRecord("missing_field", record_id, source, f"field {name!r} is missing")
   value = row[name]
   if kind is str and isinstance(value, int) and not isinstance(value, bool):
     value = str(value)  # numeric ids and file names are fine as text
   if not isinstance(value, kind):
-    raise BadRecord("bad_field", record_id, source,
-                    f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    raise BadRecord(
+        "bad_field",
+        record_id,
+        source,
+        f"field {name!r} must be {kind.__name__}, got {type(value).__name__}",
+    )
   return value
 
 
@@ -229,8 +243,9 @@ class ImageReader:
       stored = _checked_image_bytes(data)
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError...)
       message = _BYTES_IO_REPR.sub("the file", str(e))  # PIL names the in-memory buffer
-      return self._fail(path, "corrupt_image", f"cannot decode {path}: {message}", record_id,
-                        source)
+      return self._fail(
+          path, "corrupt_image", f"cannot decode {path}: {message}", record_id, source
+      )
     self._verdicts[path] = stored is data
     return stored
 

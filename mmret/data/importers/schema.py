@@ -9,6 +9,7 @@ A tfds dataset has one feature dict for all of its splits, so a dataset holding 
 (e.g. ``<name>_queries`` and ``<name>_candidates``) uses ``merge_features`` of them and fills the
 fields a record's schema lacks with ``blank_example`` values ('' / b'' / [] / empty arrays).
 """
+
 from collections.abc import Mapping
 
 import numpy as np
@@ -47,10 +48,12 @@ def pairs_features(with_ground_truth: bool = False) -> dict:
   }
   if with_ground_truth:
     features["caption_tags"] = tfds.features.Tensor(
-        shape=(None,), dtype=np.int32, doc="tag per whitespace-separated caption word")
+        shape=(None,), dtype=np.int32, doc="tag per whitespace-separated caption word"
+    )
     # Two unknown dimensions need an explicit encoding in tfds.
     features["image_labels"] = tfds.features.Tensor(
-        shape=(None, None), dtype=np.uint8, encoding="zlib", doc="tag per pixel")
+        shape=(None, None), dtype=np.uint8, encoding="zlib", doc="tag per pixel"
+    )
   return features
 
 
@@ -84,7 +87,8 @@ def queries_features() -> dict:
       "instruction": _text("task instruction; '' when none"),
       "positive_ids": _texts("ids of the correct candidates"),
       "candidate_ids": _texts(
-          "the query's own candidate list (first = correct); [] = search the pool"),
+          "the query's own candidate list (first = correct); [] = search the pool"
+      ),
       "negative_id": _text("MM2MM hard negative candidate id; '' when none"),
       "negative_kind": _text("'intersection' | 'image_only' | 'text_only' | ''"),
   }
@@ -96,8 +100,10 @@ def merge_features(*schemas: Mapping) -> tfds.features.FeaturesDict:
   for schema in schemas:
     for name, feature in schema.items():
       if name in merged and _signature(merged[name]) != _signature(feature):
-        raise ValueError(f"feature {name!r} is defined differently by two schemas: "
-                         f"{merged[name]!r} vs {feature!r}")
+        raise ValueError(
+            f"feature {name!r} is defined differently by two schemas: "
+            f"{merged[name]!r} vs {feature!r}"
+        )
       merged.setdefault(name, feature)
   return tfds.features.FeaturesDict(merged)
 

@@ -4,6 +4,7 @@ Each kind's module defines ``TARGETS`` (the towers it can fill), ``PREFIXES`` (w
 from names, e.g. 'module.', optional) and ``convert(ckpt, targets, shapes) -> (assignment,
 unused names)``, where ``shapes`` maps mmret parameter paths to their shapes.
 """
+
 from mmret.models.convert import bert, clip, efficientnet, vit
 
 CONVERTERS = {

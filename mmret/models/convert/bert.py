@@ -5,8 +5,13 @@ weights: choose ``model.text_pool`` 'mean' for all-MiniLM-*, 'cls' for BGE). The
 heads ('pooler.', 'cls.') are not part of the encoder and are skipped. The text projection,
 which such checkpoints do not have, starts as the identity when it is square.
 """
-from mmret.models.convert.common import (Assignment, Checkpoint, fit_text_positions,
-                                         identity_if_square)
+
+from mmret.models.convert.common import (
+    Assignment,
+    Checkpoint,
+    fit_text_positions,
+    identity_if_square,
+)
 
 TARGETS = ("text",)
 PREFIXES = ("bert.", "model.", "0.auto_model.")
@@ -18,9 +23,13 @@ def convert(ckpt: Checkpoint, targets, shapes: dict):
   out = Assignment()
   t = "text_tower"
   out.put(f"{t}/token_embed/embedding", ckpt.take("embeddings.word_embeddings.weight"))
-  out.put(f"{t}/pos_embed", fit_text_positions(
-      ckpt.take("embeddings.position_embeddings.weight"),
-      shapes.get(f"{t}/pos_embed", (1, 0, 0))[1]))
+  out.put(
+      f"{t}/pos_embed",
+      fit_text_positions(
+          ckpt.take("embeddings.position_embeddings.weight"),
+          shapes.get(f"{t}/pos_embed", (1, 0, 0))[1],
+      ),
+  )
   out.put(f"{t}/type_embed", ckpt.take("embeddings.token_type_embeddings.weight"))
   out.layer_norm(f"{t}/embed_ln", ckpt, "embeddings.LayerNorm")
   for i in range(ckpt.count(r"encoder\.layer\.(\d+)\.")):

@@ -4,10 +4,18 @@ OpenAI and open_clip share one layout ('visual.transformer.resblocks.N...', fuse
 in-projections); Hugging Face's CLIPModel uses 'vision_model.encoder.layers.N...'. The layout is
 recognised from the names. CLIP's patch embedding has no bias: mmret's is set to zero.
 """
+
 import numpy as np
 
-from mmret.models.convert.common import (Assignment, Checkpoint, conv_kernel, fit_image_positions,
-                                         fit_text_positions, split_qkv, transpose)
+from mmret.models.convert.common import (
+    Assignment,
+    Checkpoint,
+    conv_kernel,
+    fit_image_positions,
+    fit_text_positions,
+    split_qkv,
+    transpose,
+)
 
 TARGETS = ("image", "text")
 IGNORE = (r"position_ids$", r"^(input_resolution|context_length|vocab_size)$", r"attn_mask$")
@@ -39,8 +47,12 @@ def _hf_blocks(out: Assignment, ckpt: Checkpoint, src: str, dst: str):
     s, d = f"{src}.layers.{i}", f"{dst}/block{i}"
     out.layer_norm(f"{d}/ln1", ckpt, f"{s}.layer_norm1")
     out.layer_norm(f"{d}/ln2", ckpt, f"{s}.layer_norm2")
-    for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
-                       ("out", "out_proj")):
+    for name, proj in (
+        ("query", "q_proj"),
+        ("key", "k_proj"),
+        ("value", "v_proj"),
+        ("out", "out_proj"),
+    ):
       out.linear(f"{d}/attn/{name}", ckpt, f"{s}.self_attn.{proj}")
     out.linear(f"{d}/mlp/fc1", ckpt, f"{s}.mlp.fc1")
     out.linear(f"{d}/mlp/fc2", ckpt, f"{s}.mlp.fc2")
@@ -98,11 +110,23 @@ def convert(ckpt: Checkpoint, targets, shapes: dict):
     prefixes += ["vision_model.", "visual_projection."] if hf else ["visual."]
   if "text" in targets:
     _text(out, ckpt, shapes, hf)
-    prefixes += (["text_model.", "text_projection."] if hf else
-                 ["token_embedding.", "positional_embedding", "transformer.", "ln_final.",
-                  "text_projection"])
+    prefixes += (
+        ["text_model.", "text_projection."]
+        if hf
+        else [
+            "token_embedding.",
+            "positional_embedding",
+            "transformer.",
+            "ln_final.",
+            "text_projection",
+        ]
+    )
   if set(TARGETS) <= set(targets):  # the temperature belongs to the pair of towers
-    out.put("logit_scale", ckpt.take("logit_scale").reshape(()) if ckpt.has("logit_scale")
-            else ckpt.take("logit_scale"))
+    out.put(
+        "logit_scale",
+        ckpt.take("logit_scale").reshape(())
+        if ckpt.has("logit_scale")
+        else ckpt.take("logit_scale"),
+    )
     prefixes.append("logit_scale")
   return out, ckpt.unused(prefixes, IGNORE)

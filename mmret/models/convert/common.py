@@ -5,6 +5,7 @@ in PyTorch layouts) and writes mmret parameters into a :class:`Assignment` ('/'-
 paths). Both record what went wrong instead of stopping at the first problem, so one error can
 list every missing key and every mismatched parameter.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,9 +42,13 @@ class Checkpoint:
   def unused(self, prefixes: Iterable[str], ignore: Iterable[str] = ()) -> list[str]:
     """Names under ``prefixes`` that no converter read, except those matching ``ignore``."""
     prefixes, ignore = tuple(prefixes), tuple(ignore)
-    return sorted(name for name in self.tensors
-                  if name.startswith(prefixes) and name not in self.used
-                  and not any(re.search(p, name) for p in ignore))
+    return sorted(
+        name
+        for name in self.tensors
+        if name.startswith(prefixes)
+        and name not in self.used
+        and not any(re.search(p, name) for p in ignore)
+    )
 
 
 class Assignment(dict):
@@ -82,7 +87,7 @@ def strip_prefix(tensors: dict, prefixes: Iterable[str]) -> dict:
   """Removes the first of ``prefixes`` that every name starts with (e.g. 'module.', 'bert.')."""
   for prefix in prefixes:
     if tensors and all(k.startswith(prefix) for k in tensors):
-      return {k[len(prefix):]: v for k, v in tensors.items()}
+      return {k[len(prefix) :]: v for k, v in tensors.items()}
   return tensors
 
 
@@ -110,8 +115,7 @@ def cubic_resize_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.nda
   weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
   matrix = np.zeros((out_size, in_size), np.float64)
   for k in range(4):
-    np.add.at(matrix, (np.arange(out_size), np.clip(base - 1 + k, 0, in_size - 1)),
-              weights[:, k])
+    np.add.at(matrix, (np.arange(out_size), np.clip(base - 1 + k, 0, in_size - 1)), weights[:, k])
   return matrix
 
 
@@ -128,8 +132,8 @@ def fit_image_positions(pos, tokens: int, prefix: int = 1):
   if pos.shape[0] == tokens:
     return pos[None]
   old, new = pos.shape[0] - prefix, tokens - prefix
-  old_side, new_side = int(round(old ** 0.5)), int(round(new ** 0.5))
-  if old_side ** 2 != old or new_side ** 2 != new or new <= 0:
+  old_side, new_side = int(round(old**0.5)), int(round(new**0.5))
+  if old_side**2 != old or new_side**2 != new or new <= 0:
     return pos[None]
   resize = cubic_resize_matrix(old_side, new_side)
   grid = pos[prefix:].reshape(old_side, old_side, -1).astype(np.float64)

@@ -5,6 +5,7 @@ BatchNorm running statistics are folded into per-channel affine maps:
   scale = gamma / sqrt(var + eps),  bias = beta - mean * scale   (eps = 1e-3, TF's value).
 The ImageNet classifier ('_fc.') is not part of the tower and is skipped.
 """
+
 import numpy as np
 
 from mmret.models.convert.common import Assignment, Checkpoint, conv_kernel

@@ -7,8 +7,14 @@ checkpoint's. The image projection, which these checkpoints do not have, starts 
 when it is square. Classification heads ('classifier.', 'pooler.') and DINOv2's mask token
 (used only in its self-supervised pretraining) are skipped.
 """
-from mmret.models.convert.common import (Assignment, Checkpoint, conv_kernel, fit_image_positions,
-                                         identity_if_square)
+
+from mmret.models.convert.common import (
+    Assignment,
+    Checkpoint,
+    conv_kernel,
+    fit_image_positions,
+    identity_if_square,
+)
 
 TARGETS = ("image",)
 PREFIXES = ("vit.", "dinov2.", "model.")
@@ -21,10 +27,16 @@ def convert(ckpt: Checkpoint, targets, shapes: dict):
   t = "image_tower"
   dinov2 = ckpt.has("encoder.layer.0.norm1.weight")
   out.put(f"{t}/cls", ckpt.take("embeddings.cls_token"))
-  out.put(f"{t}/pos_embed", fit_image_positions(
-      ckpt.take("embeddings.position_embeddings"), shapes.get(f"{t}/pos_embed", (1, 0, 0))[1]))
-  out.put(f"{t}/patch_embed/kernel",
-          conv_kernel(ckpt.take("embeddings.patch_embeddings.projection.weight")))
+  out.put(
+      f"{t}/pos_embed",
+      fit_image_positions(
+          ckpt.take("embeddings.position_embeddings"), shapes.get(f"{t}/pos_embed", (1, 0, 0))[1]
+      ),
+  )
+  out.put(
+      f"{t}/patch_embed/kernel",
+      conv_kernel(ckpt.take("embeddings.patch_embeddings.projection.weight")),
+  )
   out.put(f"{t}/patch_embed/bias", ckpt.take("embeddings.patch_embeddings.projection.bias"))
   for i in range(ckpt.count(r"encoder\.layer\.(\d+)\.")):
     s, d = f"encoder.layer.{i}", f"{t}/encoder/block{i}"
