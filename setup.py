@@ -20,6 +20,7 @@ CORE = [
 # pyink (pinned: formatter releases change their output) checks the code style in .ci/run.
 TEST = [
     "pytest>=8.0",
+    "pytest-xdist>=3.5",
     "pyink==26.5.1",
     "torch==2.13.0",
     "transformers>=5.0",

@@ -8,24 +8,18 @@ Random inputs (no input pipeline), so this measures the step alone. Prints one l
 """
 
 import argparse
-import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import common  # noqa: E402
-from mmret import losses, methods, optim  # noqa: E402
-from mmret import step as step_lib  # noqa: E402
-from mmret.models.retrieval import build_model  # noqa: E402
+from mmret import config_lib, train
+from mmret import step as step_lib
 
 # Default input sizes per model size: what each is meant to train on.
 DEFAULT_IMAGE_SIZE = {"tiny": 32, "small": 224, "base": 224}
 DEFAULT_TEXT_LEN = {"tiny": 16, "small": 32, "base": 77}
+VOCAB = 49408  # CLIP's BPE vocabulary
 
 
 def random_batch(n, image_size, text_len, vocab, seed=0):
@@ -38,28 +32,23 @@ def random_batch(n, image_size, text_len, vocab, seed=0):
   }
 
 
+def step_config(size, batch_size, image_size, text_len, dtype, joint_kind):
+  """The CLIP recipe's base config at the benchmarked shapes."""
+  config = config_lib.base_config(size=size, steps=1000)
+  config.model.dtype = dtype
+  config.model.joint_kind = joint_kind
+  config.input.image_size, config.input.max_text_len = image_size, text_len
+  config.input.batch_size = batch_size
+  return config
+
+
 def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup, dtype, joint_kind):
-  model_cfg = common.model_config(size)
-  model_cfg.dtype = dtype
-  model_cfg.joint_kind = joint_kind
-  vocab = 49408
-  model = build_model(model_cfg, vocab_size=vocab, max_text_len=text_len)
-  batch = random_batch(batch_size, image_size, text_len, vocab)
+  config = step_config(size, batch_size, image_size, text_len, dtype, joint_kind)
+  setup = train.Setup(config, vocab_size=VOCAB)  # the model, optimizer and step of training
+  batch = random_batch(batch_size, image_size, text_len, VOCAB)
   mapping = step_lib.DeviceMapping(mapping_kind)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch)["params"])
-  tx, lr = optim.make_optimizer(common.optim_config(), abstract, total_steps=1000)
-  state = mapping.put_state(
-      step_lib.init_state(model, {k: v[:1] for k, v in batch.items()}, tx, seed=0, mapping=mapping)
-  )
-  fn = mapping.compile(
-      functools.partial(
-          step_lib.train_step,
-          forward=methods.get("contrastive").make_forward(model),
-          loss_fn=losses.get("clip"),
-          tx=tx,
-          lr_schedule=lr,
-      )
-  )
+  state = mapping.put_state(setup.init_state(config, mapping))
+  fn = mapping.compile(setup.step_body())
   device_batch = mapping.put_batch(batch)
   # One step in flight at a time on multi-device CPU (collective rendezvous); elsewhere the
   # device queue is kept full and only the last step is waited for.
@@ -76,7 +65,7 @@ def measure(size, mapping_kind, batch_size, image_size, text_len, steps, warmup,
       jax.block_until_ready(metrics)
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0
-  n_params = sum(x.size for x in jax.tree.leaves(abstract))
+  n_params = sum(x.size for x in jax.tree.leaves(mapping.get_state(state).params))
   return {
       "size": size,
       "mapping": mapping_kind,

@@ -26,7 +26,7 @@ Evaluations (at the end of each stage; ``every=0``):
   are every query/candidate modality combination (qt_ci, qi_ct, qt_ct, qi_ci, qt_cit, qi_cit,
   qit_ct, qit_ci, qit_cit); Recall@5 per task in its local pool and in the global pool, and
   their averages ``local/average`` and ``global/average``.
-- ``gap_universal`` / ``gap_train``: the ``modality_gap`` evaluator (mmret/evals/modality_gap.py)
+- ``gap_universal`` / ``gap_train``: the ``modality_gap`` evaluator (``mmret/evals/modality_gap.py``)
   on the universal candidates and on the train split's pairs: cosine similarity and distance
   between the centroids of the image, text and image+text embeddings.
 
@@ -39,7 +39,7 @@ Arguments (defaults in brackets):
   steps [300]            fine-tuning steps
   pretrain_steps [600]   CLIP pretraining steps
   lr [3e-4]              fine-tuning peak learning rate, warmed up over a tenth of the steps (at
-                         most 20) then cosine-decayed; pretraining uses configs/clip.py's
+                         most 20) then cosine-decayed; pretraining uses the base config's
   temperature [0.0]      fixed fine-tuning softmax temperature; 0 = the model's learnable one,
                          carried over from pretraining
   drop_other_positive [false]  gcl only: also drop the anchor's third same-sample modality from
@@ -52,8 +52,7 @@ Arguments (defaults in brackets):
 
 import ml_collections
 
-from configs import clip, common
-from mmret.evals import modality_gap  # noqa: F401  (registers the 'modality_gap' evaluator)
+from mmret import config_lib
 
 LOSSES = ("gcl", "cl", "pairwise")
 FUSIONS = ("fusion", "encoder")
@@ -61,7 +60,7 @@ PRETRAIN, FINETUNE = "1_pretrain", "2_finetune"  # stage names (and directories)
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
+  arg = config_lib.parse_arg(
       arg,
       size="tiny",
       world="tiny",
@@ -75,14 +74,11 @@ def get_config(arg=None):
       evals=True,
       towers="scratch",
   )
-  if arg.towers not in ("scratch", "shipped"):
-    raise ValueError(f"gcl config: towers must be 'scratch' or 'shipped', got {arg.towers!r}")
+  config_lib.check_choice("gcl", "towers", arg.towers, config_lib.TOWERS)
+  config_lib.check_choice("gcl", "loss", arg.loss, LOSSES)
+  config_lib.check_choice("gcl", "fusion", arg.fusion, FUSIONS)
   if arg.towers == "shipped":
-    arg.size = common.SHIPPED_SIZE
-  if arg.loss not in LOSSES:
-    raise ValueError(f"gcl config: loss must be one of {LOSSES}, got {arg.loss!r}")
-  if arg.fusion not in FUSIONS:
-    raise ValueError(f"gcl config: fusion must be one of {FUSIONS}, got {arg.fusion!r}")
+    arg.size = config_lib.SHIPPED_SIZE
   if arg.drop_other_positive and arg.loss != "gcl":
     raise ValueError(f"gcl config: drop_other_positive applies to loss=gcl only, not {arg.loss!r}")
   if arg.steps < 1 or arg.pretrain_steps < 1:
@@ -92,10 +88,10 @@ def get_config(arg=None):
     )
 
   # The dual-encoder recipe; its numbers are the pretraining stage's.
-  config = clip.get_config(f"size={arg.size},world={arg.world},steps={arg.pretrain_steps}")
+  config = config_lib.base_config(size=arg.size, world=arg.world, steps=arg.pretrain_steps)
   config.model.joint_kind = arg.fusion
   if arg.towers == "shipped":
-    common.use_shipped_towers(config)
+    config_lib.use_shipped_towers(config)
   config.eval_every = 0  # evaluate at the end of each stage (its final state)
 
   finetune_loss = {"name": arg.loss}
@@ -115,7 +111,6 @@ def get_config(arg=None):
       }
   )
 
-  config.evals = ml_collections.ConfigDict()
   if arg.evals:
     world = f"mmret_world/{arg.world}"
     config.evals.universal = dict(

@@ -48,8 +48,7 @@ fold_size (caption5 fold size; 0 = none).
 
 import ml_collections
 
-from configs import common
-from mmret.data import pipeline
+from mmret import config_lib
 
 VARIANTS = {  # variant -> (concept loss on, context loss on)
     "base": (False, False),
@@ -67,7 +66,7 @@ HARDEST_STAGE_LR_WARMUP = 10
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
+  arg = config_lib.parse_arg(
       arg,
       size="tiny",
       world="tiny",
@@ -77,34 +76,22 @@ def get_config(arg=None):
       data="",
       fold_size=0,
   )
-  if arg.variant not in VARIANTS:
-    raise ValueError(f"unknown selfalign variant {arg.variant!r}; known: {sorted(VARIANTS)}")
+  config_lib.check_choice("selfalign", "variant", arg.variant, sorted(VARIANTS))
   if not 0 <= arg.sum_warmup < arg.steps:
     raise ValueError(f"sum_warmup={arg.sum_warmup} must be in [0, steps={arg.steps})")
   concept, context = VARIANTS[arg.variant]
   tiny = arg.size == "tiny"
 
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.total_steps = arg.steps
-  config.log_every = 50
+  config = config_lib.base_config(size=arg.size, world=arg.world, steps=arg.steps)
   config.eval_every = 0  # caption5 runs at the end of training only
   config.ckpt_every = 0
   config.keep_ckpts = 1
-  config.mapping = "pmap"  # 'pmap' | 'shard_map'
-
-  config.input = pipeline.default_input_config()
   dataset = arg.data or f"mmret_world/{arg.world}"
   config.input.train = [{"dataset": dataset, "split": "train", "weight": 1.0}]
-  config.input.batch_size = 64
-  if not tiny:
-    config.input.image_size = 64
 
-  config.model = common.model_config(arg.size)
   config.model.joint_kind = "fusion"  # independent towers: nothing joint at retrieval time
   config.model.unimodal = "tower"
   config.model.num_prototypes = (64 if tiny else 1024) if concept else 0
-  config.optim = common.optim_config(lr=1e-3 if tiny else 5e-4, warmup_steps=50)
 
   config.method = ml_collections.ConfigDict(
       dict(
@@ -113,9 +100,9 @@ def get_config(arg=None):
           pooling_temperature=0.1,
       )
   )
+  # The selfalign method trains with its own loss (VSE++ + concept + context).
   config.loss = ml_collections.ConfigDict(
       dict(
-          name="selfalign",
           margin=0.2,
           max_violation=True,
           concept_weight=1.0 if concept else 0.0,
@@ -127,7 +114,6 @@ def get_config(arg=None):
           num_negatives=512,
       )
   )
-  config.evals = ml_collections.ConfigDict()
   config.evals.caption5 = dict(
       type="caption5",
       dataset=dataset,

@@ -7,13 +7,14 @@ multimodal-to-multimodal joint embedding on views built from them, then MM2MM is
 One launch runs ``stage1`` in ``workdir/stage1``, then ``stage2`` in ``workdir/stage2`` from stage
 1's parameters; a relaunch resumes inside the unfinished stage. Arguments: size (tiny | small |
 base), world (embedded world size), stage1_steps, stage2_steps, batch_size, random_masks (the
-ablation: random masks of the learned masks' density in both stages), evals (false: train only),
+ablation: random masks of the learned masks' density in both stages, ``method.mask_source``
+'random'), evals (false: train only),
 stage1_mm2mm (also evaluate MM2MM at the end of stage 1), towers ('scratch', or 'shipped': start
 from the real EfficientNet-Lite0 and all-MiniLM-L6-v2 weights pip packages ship, at 128 px, with
 MiniLM's vocabulary; use it with a real-image world, e.g.
 ``configs/solar.py:towers=shipped,world=fashion_tiny``; see ``common.use_shipped_towers``),
 oracle_masks (a diagnostic: stage 2 builds its views from the embedded world's ground-truth
-intersection labels instead of stage 1's masks).
+intersection labels instead of stage 1's masks, ``method.mask_source`` 'oracle').
 
 Model: the towers -> 2-layer MLP adapters into the shared width -> a 3-layer joint encoder over
 [CLS; image tokens; text tokens] with per-token attention weights; z_image / z_text come from the
@@ -36,21 +37,21 @@ Defaults chosen where the public record is silent (tiny size, CPU, a few minutes
 - Stage 2 (``stages.stage2``): masks come from a frozen copy of the model at the stage-2 start
   (stage 1's towers, adapters and joint encoder); thresholds refitted on each batch.
   ``method.num_segments`` 4 segments per image (k-means on adapted patch features + grid position,
-  5 iterations, position weight 1) over the 4x4 patch grid; ``loss.view_mode`` 'random' (per sample:
-  text only, image only or both masked), ``mask_ratio`` 0.3 of the intersection units dropped for
-  the positive, ``negative_ratio`` 1.0 of the difference units dropped for the hard negative;
-  ``temperature`` eta = 0.05; symmetric (positive views anchor too); lr 5e-4 with 10 warmup steps.
+  5 iterations, position weight 1; the paper clusters hierarchically) over the 4x4 patch grid;
+  ``method.view_mode`` 'random' (per sample: text only, image only or both masked),
+  ``method.mask_ratio`` 0.3 of the intersection units dropped for the positive,
+  ``method.negative_ratio`` 1.0 of the difference units dropped for the hard negative;
+  ``loss.temperature`` eta = 0.05; symmetric (positive views anchor too); lr 5e-4 with 10 warmup
+  steps.
 """
 
 import ml_collections
 
-from configs import common
-from mmret.data import pipeline
-import mmret.evals.solar_masks  # noqa: F401  (registers the 'solar_masks' evaluator type)
+from mmret import config_lib
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
+  arg = config_lib.parse_arg(
       arg,
       size="tiny",
       world="tiny",
@@ -65,56 +66,43 @@ def get_config(arg=None):
   )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")
-  if arg.towers not in ("scratch", "shipped"):
-    raise ValueError(f"solar config: towers must be 'scratch' or 'shipped', got {arg.towers!r}")
+  config_lib.check_choice("solar", "towers", arg.towers, config_lib.TOWERS)
   if arg.towers == "shipped":
-    arg.size = common.SHIPPED_SIZE
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.total_steps = arg.stage1_steps  # each stage sets its own
-  config.log_every = 50
+    arg.size = config_lib.SHIPPED_SIZE
+  config = config_lib.base_config(size=arg.size, world=arg.world, steps=arg.stage1_steps)
   config.eval_every = 0  # evaluations run at the end of their stage
   config.ckpt_every = 100
-  config.keep_ckpts = 2
-  config.mapping = "pmap"  # 'pmap' | 'shard_map'
-
-  config.input = pipeline.default_input_config()
   world = f"mmret_world/{arg.world}"
-  config.input.train = [{"dataset": world, "split": "train", "weight": 1.0}]
   config.input.batch_size = arg.batch_size
-  if arg.size != "tiny":
-    config.input.image_size = 64
 
-  config.model = common.model_config(arg.size)
   config.model.adapter = "mlp"
   config.model.joint_kind = "encoder"
   config.model.unimodal = "joint"
   config.model.joint.depth = 3
-  config.optim = common.optim_config(lr=1e-3 if arg.size == "tiny" else 5e-4, warmup_steps=50)
-  # Each stage names its method and loss and adds their hyper-parameters.
   if arg.towers == "shipped":
-    common.use_shipped_towers(config)
+    config_lib.use_shipped_towers(config)
+  # Each stage names its method (which brings its own loss) and adds the hyper-parameters.
   config.method = ml_collections.ConfigDict({"name": "solar_stage1"})
-  config.loss = ml_collections.ConfigDict({"name": "solar_stage1"})
-  config.evals = ml_collections.ConfigDict()
+  config.loss = ml_collections.ConfigDict()
 
+  stage1_source = "random" if arg.random_masks else "learned"
+  stage2_source = "oracle" if arg.oracle_masks else stage1_source
   stage1 = dict(
       total_steps=arg.stage1_steps,
       method=dict(
           name="solar_stage1",
           anneal_steps=arg.stage1_steps // 2,
           anneal_schedule="linear",
-          random_masks=arg.random_masks,
+          mask_source=stage1_source,
+          min_variance=1e-6,
       ),
       loss=dict(
-          name="solar_stage1",
           itc_weight=1.0,
           gla_weight=1.0,
           ld_weight=0.1,
           gd_weight=0.1,
           gla_margin=0.2,
           temperature=None,
-          min_variance=1e-6,
           patch_label_fraction=0.25,
       ),
       evals={},
@@ -127,19 +115,14 @@ def get_config(arg=None):
           num_segments=4,
           segment_iterations=5,
           segment_position_weight=1.0,
-          random_masks=arg.random_masks,
-      ),
-      loss=dict(
-          name="solar_stage2",
-          temperature=0.05,
-          symmetric=True,
+          mask_source=stage2_source,
+          min_variance=1e-6,
           view_mode="random",
           mask_ratio=0.3,
           negative_ratio=1.0,
-          min_variance=1e-6,
-          oracle_masks=arg.oracle_masks,
           patch_label_fraction=0.25,
       ),
+      loss=dict(temperature=0.05, symmetric=True),
       evals={},
   )
   mm2mm = dict(type="mm2mm", dataset=world, split="mm2mm", batch_size=64, every=0)

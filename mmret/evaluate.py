@@ -48,9 +48,10 @@ def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
   """Runs ``evals_cfg`` on the chosen parameters; returns the flat metrics dict."""
   import jax
   from mmret import checkpoint as ckpt_lib
-  from mmret import evals, step as step_lib, train
+  from mmret import registry, step as step_lib, train
+  from mmret.evals import runner
 
-  stage_name, stage = train.stage_configs(config)[-1]
+  stage, run_dir = train.last_stage(config, workdir or "")
   setup = train.Setup(stage)
   mapping = step_lib.DeviceMapping(stage.mapping)
   step = 0
@@ -59,7 +60,6 @@ def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
   else:
     if workdir is None:
       raise app.UsageError("--workdir is needed unless --checkpoint=none")
-    run_dir = os.path.join(workdir, stage_name) if stage_name else workdir
     checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
       step = checkpointer.latest_step() if checkpoint == "latest" else int(checkpoint)
@@ -68,12 +68,13 @@ def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
       params = checkpointer.restore(setup.abstract_state(mapping), step=step).params
     finally:
       checkpointer.close()
-  results = evals.run_evals(
+  results = runner.run_evals(
       setup.predict,
       evals_cfg,
       stage.input,
       step,
       out,
+      evaluators=registry.evaluator,
       params=params,
       final=True,
       data_dir=stage.input.data_dir,

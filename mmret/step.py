@@ -26,7 +26,7 @@ class TrainState:
   step: jax.Array  # int32 scalar: number of updates applied
   params: Any  # trained parameters
   opt_state: Any
-  rng: jax.Array  # base PRNG key; each step folds in the step (and device) index
+  rng: jax.Array  # base PRNG key; each step folds in the step index
   frozen: Any  # parameters read but never updated (e.g. a distillation teacher)
 
 
@@ -35,20 +35,20 @@ def train_step(
 ):
   """One optimisation step on this device's batch; returns (new state, metrics).
 
-  ``forward(params, frozen, batch, *, rng, step) -> outputs`` (see ``mmret.methods``) and
-  ``loss_fn(outputs, batch, *, axis_name) -> (loss, metrics)`` (see ``mmret.losses``).
+  ``forward(params, frozen, batch, *, rng, step, axis_name) -> outputs`` (see ``mmret.methods``)
+  and ``loss_fn(outputs, batch, *, axis_name) -> (loss, metrics)`` (see ``mmret.losses``).
   ``frozen_mask`` (``optim.frozen_mask``): parameters whose gradient is never computed.
+  The step's key is the same on every device: methods fold in each example's global index where
+  examples need their own randomness, so the step does not depend on the device count.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
   def objective(params):
     if frozen_mask is not None:
       params = jax.tree.map(
           lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p, params, frozen_mask
       )
-    outputs = forward(params, state.frozen, batch, rng=rng, step=state.step)
+    outputs = forward(params, state.frozen, batch, rng=rng, step=state.step, axis_name=axis_name)
     return loss_fn(outputs, batch, axis_name=axis_name)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)

@@ -8,10 +8,12 @@ each starting from the previous stage's parameters; a resumed run continues in t
 
 import copy
 import functools
+import inspect
 import json
 import math
 import os
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -19,9 +21,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import losses, methods, metrics_writer, optim
+from mmret import metrics_writer, optim, registry
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
+from mmret.evals import runner
 from mmret.models.retrieval import build_model
 
 # Evaluation metrics worth a log line (the last component of their key).
@@ -65,13 +68,52 @@ def _hparams(cfg) -> dict:
   return {k: v for k, v in cfg.to_dict().items() if k != "name"}
 
 
+def _check_hparams(fn, hparams: dict, where: str):
+  """A misspelt hyper-parameter is an error naming it, before anything is compiled."""
+  accepted = {
+      name for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY
+  }
+  unknown = sorted(set(hparams) - accepted)
+  if unknown:
+    raise ValueError(
+        f"{where}: unknown fields {unknown}; {fn.__qualname__} accepts "
+        f"{sorted(accepted - {'axis_name'})}"
+    )
+
+
+def loss_function(config):
+  """The loss of ``config``'s method with ``config.loss``'s hyper-parameters bound."""
+  method = registry.method(config.method.name)
+  name = config.loss.get("name")
+  if method.loss is not None:
+    if name:
+      raise ValueError(
+          f"method {config.method.name!r} trains with its own loss "
+          f"({method.loss.__module__}.{method.loss.__name__}); remove "
+          f"config.loss.name={name!r}"
+      )
+    fn = method.loss
+  elif not name:
+    raise ValueError(
+        f"method {config.method.name!r} needs config.loss.name, one of "
+        f"{sorted(registry.LOSSES)}"
+    )
+  else:
+    fn = registry.loss(name)
+  hparams = _hparams(config.loss)
+  _check_hparams(fn, hparams, "config.loss")
+  return functools.partial(fn, **hparams)
+
+
 class Setup:
   """Everything a config defines that is not state: model, optimizer, method, loss."""
 
-  def __init__(self, config):
-    tokenizer = pipeline.tokenizer_for(config.input)
+  def __init__(self, config, *, vocab_size: Optional[int] = None):
+    """``vocab_size``: the text tower's vocabulary (default: the configured tokenizer's)."""
+    if vocab_size is None:
+      vocab_size = pipeline.tokenizer_for(config.input).vocab_size
     self.model = build_model(
-        config.model, vocab_size=tokenizer.vocab_size, max_text_len=config.input.max_text_len
+        config.model, vocab_size=vocab_size, max_text_len=config.input.max_text_len
     )
     self.example = example_batch(config.input)
     abstract_params = jax.eval_shape(
@@ -79,12 +121,24 @@ class Setup:
     )
     self.tx, self.lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
     self.frozen_mask = optim.frozen_mask(config.optim, abstract_params)
-    self.method = methods.get(config.method.name)
+    self.method = registry.method(config.method.name)
     method_hparams = _hparams(config.method)
+    _check_hparams(self.method.make_forward, method_hparams, "config.method")
     self.forward = self.method.make_forward(self.model, **method_hparams)
     self.predict = self.method.make_predict(self.model, **method_hparams)
     self.method_hparams = method_hparams
-    self.loss_fn = functools.partial(losses.get(config.loss.name), **_hparams(config.loss))
+    self.loss_fn = loss_function(config)
+
+  def step_body(self):
+    """The per-device train step of this config (``step.train_step`` with its pieces bound)."""
+    return functools.partial(
+        step_lib.train_step,
+        forward=self.forward,
+        loss_fn=self.loss_fn,
+        tx=self.tx,
+        lr_schedule=self.lr,
+        frozen_mask=self.frozen_mask,
+    )
 
   def init_state(self, config, mapping, params=None):
     """Fresh canonical state: initial, pretrained (``model.init``) or given ``params``."""
@@ -192,16 +246,7 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
     state = setup.init_state(config, mapping, init_params)
   start = int(jax.device_get(state.step))
 
-  train_fn = mapping.compile(
-      functools.partial(
-          step_lib.train_step,
-          forward=setup.forward,
-          loss_fn=setup.loss_fn,
-          tx=setup.tx,
-          lr_schedule=setup.lr,
-          frozen_mask=setup.frozen_mask,
-      )
-  )
+  train_fn = mapping.compile(setup.step_body())
   native_state = mapping.put_state(state)
   del state
   writer = metrics_writer.MetricWriter(workdir, enabled=is_writer)
@@ -220,19 +265,18 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
   def evaluate(step, *, final):
     if not evals_cfg:
       return {}
-    from mmret import evals  # imported lazily: training without evals needs no search libs
-
     if not final and not any(
-        evals.runner.is_due(c["every"], step, final=False) for c in evals_cfg.values()
+        runner.is_due(c["every"], step, final=False) for c in evals_cfg.values()
     ):
       return {}
     params = mapping.get_state(native_state).params
-    results = evals.run_evals(
+    results = runner.run_evals(
         setup.predict,
         evals_cfg,
         config.input,
         step,
         workdir,
+        evaluators=registry.evaluator,
         params=params,
         final=final,
         data_dir=config.input.data_dir,
@@ -336,6 +380,17 @@ def stage_configs(config):
   return stages
 
 
+def stage_dir(workdir: str, stage_name) -> str:
+  """Where a stage runs: ``workdir/<stage>``, or ``workdir`` itself for a one-stage recipe."""
+  return os.path.join(workdir, stage_name) if stage_name else workdir
+
+
+def last_stage(config, workdir: str):
+  """(config, run directory) of ``config``'s last stage: where its final parameters live."""
+  name, stage = stage_configs(config)[-1]
+  return stage, stage_dir(workdir, name)
+
+
 def run(config, workdir: str):
   """Trains ``config`` (all its stages) in ``workdir``; returns the last stage's final metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -345,16 +400,16 @@ def run(config, workdir: str):
     return train_stage(config, workdir)
   previous, final = None, {}
   for i, (name, stage) in enumerate(stages):
-    stage_dir = os.path.join(workdir, name)
+    run_dir = stage_dir(workdir, name)
     last = i == len(stages) - 1
-    if not last and _finished(stage, stage_dir):
-      logging.info("Stage %s already finished in %s", name, stage_dir)
-      previous = (stage, stage_dir)
+    if not last and _finished(stage, run_dir):
+      logging.info("Stage %s already finished in %s", name, run_dir)
+      previous = (stage, run_dir)
       continue
     init_params = load_params(*previous) if previous else None
-    logging.info("Stage %s (%d steps) in %s", name, stage.total_steps, stage_dir)
-    final = train_stage(stage, stage_dir, init_params=init_params)
-    previous = (stage, stage_dir)
+    logging.info("Stage %s (%d steps) in %s", name, stage.total_steps, run_dir)
+    final = train_stage(stage, run_dir, init_params=init_params)
+    previous = (stage, run_dir)
   return final
 
 

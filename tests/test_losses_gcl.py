@@ -1,18 +1,15 @@
 """GCL, pairwise and CL losses: numpy references; sharded == single-device, forward and gradient."""
 
-import functools
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from sharding import N_DEVICES, assert_sharded_equals_single
 
-from mmret import losses
+from mmret import registry
 from mmret.losses import gcl
 
-N_DEVICES = 8
 KEYS = ("z_image", "z_text", "z_joint")
 
 
@@ -85,9 +82,9 @@ def test_pairwise_matches_reference():
 
 
 def test_registry_and_cl_is_clip():
-  assert losses.get("gcl") is gcl.gcl_loss
-  assert losses.get("pairwise") is gcl.pairwise_loss
-  assert losses.get("cl") is losses.get("clip")
+  assert registry.loss("gcl") is gcl.gcl_loss
+  assert registry.loss("pairwise") is gcl.pairwise_loss
+  assert registry.loss("cl") is registry.loss("clip")
 
 
 def test_perfect_alignment_gives_low_loss():
@@ -111,22 +108,7 @@ def _sharded_equals_single(loss_fn, n_per_device=2, d=6, **hparams):
     outputs = {k: v / jnp.linalg.norm(v, axis=-1, keepdims=True) for k, v in outputs.items()}
     return loss_fn(outputs, {}, axis_name=axis_name, **hparams)[0]
 
-  single_loss, single_grad = jax.value_and_grad(loss_of)(weights, inputs)
-
-  def per_device(w, x):
-    loss, grad = jax.value_and_grad(functools.partial(loss_of, axis_name="d"))(w, x)
-    return jax.lax.pmean(loss, "d"), jax.lax.pmean(grad, "d")
-
-  mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  mapped = jax.jit(
-      jax.shard_map(
-          per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P()), check_vma=False
-      )
-  )
-  sharded_loss, sharded_grad = jax.block_until_ready(mapped(weights, inputs))
-  np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
-  for k in KEYS:
-    np.testing.assert_allclose(sharded_grad[k], single_grad[k], rtol=1e-5, atol=1e-7)
+  assert_sharded_equals_single(loss_of, weights, inputs)
 
 
 @pytest.mark.parametrize(
@@ -138,4 +120,4 @@ def _sharded_equals_single(loss_fn, n_per_device=2, d=6, **hparams):
     ],
 )
 def test_sharded_equals_single_device(name, hparams):
-  _sharded_equals_single(losses.get(name), **hparams)
+  _sharded_equals_single(registry.loss(name), **hparams)

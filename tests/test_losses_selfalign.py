@@ -1,18 +1,16 @@
 """SelfAlign pieces vs numpy references; Sinkhorn marginals; sharded == single-device."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from sharding import assert_sharded_equals_single
 
-from mmret import losses
-from mmret.losses import selfalign
-from mmret.methods.sinkhorn import sinkhorn
-
-N_DEVICES = 8
+from mmret import ops, registry
+from mmret.losses import vsepp
+from mmret.recipes.selfalign import losses as selfalign
+from mmret.recipes.selfalign import method as selfalign_method
+from mmret.recipes.selfalign.sinkhorn import sinkhorn
 
 
 def _normalize(x):
@@ -123,7 +121,7 @@ def _context_vector_reference(g, locals_, mask, temperature):
 @pytest.mark.parametrize("max_violation", [True, False])
 def test_vsepp_matches_reference(max_violation):
   f = _features(n=5)
-  loss, metrics = selfalign.vsepp_loss(f, {}, max_violation=max_violation)
+  loss, metrics = vsepp.vsepp_loss(f, {}, max_violation=max_violation)
   np.testing.assert_allclose(
       loss, _vsepp_reference(f["z_image"], f["z_text"], 0.2, max_violation), rtol=1e-5
   )
@@ -132,7 +130,7 @@ def test_vsepp_matches_reference(max_violation):
 
 def test_vsepp_zero_when_positives_beat_negatives_by_margin():
   z = np.eye(4, dtype=np.float32)
-  loss, _ = selfalign.vsepp_loss({"z_image": z, "z_text": z}, {}, margin=0.5)
+  loss, _ = vsepp.vsepp_loss({"z_image": z, "z_text": z}, {}, margin=0.5)
   assert loss == 0.0
 
 
@@ -194,7 +192,9 @@ def test_context_nce_ignores_padding_content():
 
 def test_context_vector_matches_reference():
   f = _features(seed=5)
-  got = selfalign.context_vector(f["z_text"], f["text_tokens"], f["text_mask"], temperature=0.1)
+  got = selfalign_method.context_vector(
+      f["z_text"], f["text_tokens"], f["text_mask"], temperature=0.1
+  )
   np.testing.assert_allclose(
       got,
       _context_vector_reference(f["z_text"], f["text_tokens"], f["text_mask"], 0.1),
@@ -205,11 +205,11 @@ def test_context_vector_matches_reference():
 
 def test_retrieval_vectors_reproduce_final_similarity():
   f = _features(n=6, seed=6)
-  similarity = selfalign.selfalign_similarity(
+  similarity = selfalign_method.selfalign_similarity(
       f["z_image"], f["image_tokens"], f["z_text"], f["text_tokens"], f["text_mask"]
   )
-  image_side = selfalign.image_retrieval_vector(f["z_image"], f["image_tokens"])
-  text_side = selfalign.text_retrieval_vector(f["z_text"], f["text_tokens"], f["text_mask"])
+  image_side = selfalign_method.image_retrieval_vector(f["z_image"], f["image_tokens"])
+  text_side = selfalign_method.text_retrieval_vector(f["z_text"], f["text_tokens"], f["text_mask"])
   np.testing.assert_allclose(image_side @ text_side.T, similarity, rtol=1e-5, atol=1e-6)
   # The explicit formula, pair by pair.
   ctx_i = _context_vector_reference(f["z_image"], f["image_tokens"], np.ones((6, 5), bool), 0.1)
@@ -224,7 +224,8 @@ def test_retrieval_vectors_reproduce_final_similarity():
 
 def test_selfalign_loss_is_weighted_sum_and_needs_prototypes():
   f = _features(seed=7)
-  loss, metrics = losses.get("selfalign")(f, {}, concept_weight=0.5, context_weight=2.0)
+  assert registry.method("selfalign").loss is selfalign.selfalign_loss
+  loss, metrics = selfalign.selfalign_loss(f, {}, concept_weight=0.5, context_weight=2.0)
   np.testing.assert_allclose(
       loss,
       metrics["loss_vsepp"] + 0.5 * metrics["loss_concept"] + 2.0 * metrics["loss_context"],
@@ -233,33 +234,18 @@ def test_selfalign_loss_is_weighted_sum_and_needs_prototypes():
   without = {k: v for k, v in f.items() if k != "prototypes"}
   with pytest.raises(KeyError, match="prototypes"):
     selfalign.selfalign_loss(without, {})
-  assert losses.get("vsepp") is selfalign.vsepp_loss
+  assert registry.loss("vsepp") is vsepp.vsepp_loss
 
 
 def _sharded_equals_single(loss_fn, features, rtol=1e-5, atol=1e-7):
   """loss_fn(params, features, axis_name): value and grad on 8 devices (pmean) vs one device."""
   params = {"scale": jnp.float32(1.3), "tokens": jnp.float32(0.8)}
-  single_loss, single_grad = jax.value_and_grad(loss_fn)(params, features)
-
-  def per_device(p, x):
-    loss, grad = jax.value_and_grad(functools.partial(loss_fn, axis_name="d"))(p, x)
-    return jax.lax.pmean(loss, "d"), jax.lax.pmean(grad, "d")
-
-  mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  mapped = jax.jit(
-      jax.shard_map(
-          per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P()), check_vma=False
-      )
-  )
-  sharded_loss, sharded_grad = jax.block_until_ready(mapped(params, features))
-  np.testing.assert_allclose(sharded_loss, single_loss, rtol=rtol)
-  for k in params:
-    np.testing.assert_allclose(sharded_grad[k], single_grad[k], rtol=rtol, atol=atol)
+  assert_sharded_equals_single(loss_fn, params, features, rtol=rtol, atol=atol)
 
 
 def _scaled(params, f):
   """Embeddings depending on two scalar parameters, so gradients through every input are checked."""
-  z_image = selfalign.l2_normalize(f["z_image"] + params["scale"] * f["z_text"])
+  z_image = ops.l2_normalize(f["z_image"] + params["scale"] * f["z_text"])
   text_tokens = params["tokens"] * f["text_tokens"] + f["image_tokens"][:, :1]
   return dict(f, z_image=z_image, text_tokens=text_tokens)
 
@@ -268,7 +254,7 @@ def test_sharded_vsepp_equals_single_device():
   f = {k: v for k, v in _features(n=16, seed=8).items() if k != "prototypes"}
 
   def loss_fn(params, x, axis_name=None):
-    return selfalign.vsepp_loss(_scaled(params, x), {}, axis_name=axis_name, margin=0.5)[0]
+    return vsepp.vsepp_loss(_scaled(params, x), {}, axis_name=axis_name, margin=0.5)[0]
 
   _sharded_equals_single(loss_fn, f)
 

@@ -14,7 +14,7 @@ from mmret import step as step_lib
 from mmret import train
 from mmret.models import pretrained
 from mmret.models.retrieval import build_model
-from configs import common
+from mmret import config_lib
 
 WIDTH, DEPTH, MLP, VOCAB, MAX_POS, TEXT_LEN = 16, 2, 32, 20, 24, 8
 
@@ -56,7 +56,7 @@ def _save(tmp_path, tensors, name="bert.npz"):
 
 
 def _model_cfg(depth=DEPTH, width=WIDTH):
-  cfg = common.model_config("tiny")
+  cfg = config_lib.model_config("tiny")
   cfg.text.update(kind="bert", width=width, depth=depth, heads=2, mlp_dim=MLP)
   cfg.update(embed_dim=width, text_pool="mean")
   return cfg

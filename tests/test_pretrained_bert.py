@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from configs import common
+from mmret import config_lib
 from mmret.data import tokenizers
 from mmret.models import pretrained
 from mmret.models.retrieval import RetrievalModel, build_model
@@ -30,12 +30,12 @@ SENTENCES = [
 
 
 def _text_model(width, depth, heads, mlp_dim, vocab, max_len, pool):
-  cfg = common.model_config("tiny")
+  cfg = config_lib.model_config("tiny")
   cfg.text.update(kind="bert", width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, ln_eps=1e-12)
   cfg.update(embed_dim=width, text_pool=pool)
   model = build_model(cfg, vocab_size=vocab, max_text_len=max_len)
   batch = {"text_ids": np.zeros((1, max_len), np.int32), "text_mask": np.ones((1, max_len), bool)}
-  return model, model.init(jax.random.PRNGKey(0), batch)["params"]
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
 
 
 def _z_text(model, params, ids, mask):
@@ -88,7 +88,7 @@ def test_real_minilm_reproduces_sentence_transformers():
   np.testing.assert_array_equal(ids, reference_ids["input_ids"])
   np.testing.assert_array_equal(mask, reference_ids["attention_mask"].astype(bool))
 
-  cfg = common.model_config("minilm_l6_efficientnet_lite0")
+  cfg = config_lib.model_config("minilm_l6_efficientnet_lite0")
   model = build_model(cfg, vocab_size=tokenizer.vocab_size, max_text_len=max_len)
   params = jax.jit(lambda k: model.init(k, {"text_ids": ids, "text_mask": mask})["params"])(
       jax.random.PRNGKey(0)

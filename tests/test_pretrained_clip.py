@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from configs import common
+from mmret import config_lib
 from mmret.models import pretrained
 from mmret.models.retrieval import RetrievalModel, build_model
 
@@ -55,7 +55,7 @@ def reference():
 
 
 def _mmret_model():
-  cfg = common.model_config("tiny")
+  cfg = config_lib.model_config("tiny")
   cfg.image.update(
       width=32,
       depth=2,
@@ -99,9 +99,9 @@ def _reference_outputs(model, images, ids, mask):
 def _mmret_outputs(spec):
   model = _mmret_model()
   images, ids, mask = _inputs()
-  params = model.init(jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask})[
-      "params"
-  ]
+  params = jax.jit(model.init)(
+      jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask}
+  )["params"]
   params = pretrained.load_into(params, spec)
   image = model.apply({"params": params}, images, method=RetrievalModel.encode_image)
   text = model.apply({"params": params}, ids, mask, method=RetrievalModel.encode_text)
@@ -185,9 +185,9 @@ def test_one_tower_of_a_clip_checkpoint(reference, tmp_path):
   reference.save_pretrained(tmp_path / "clip")
   model = _mmret_model()
   images, ids, mask = _inputs()
-  init = model.init(jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask})[
-      "params"
-  ]
+  init = jax.jit(model.init)(
+      jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask}
+  )["params"]
   params = pretrained.load_into(init, f"clip:{tmp_path / 'clip'}@image")
   np.testing.assert_array_equal(params["text_tower"]["pos_embed"], init["text_tower"]["pos_embed"])
   np.testing.assert_array_equal(params["logit_scale"], init["logit_scale"])

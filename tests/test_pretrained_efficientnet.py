@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from skimage import data as skimage_data
 
-from configs import common
+from mmret import config_lib
 from mmret.models import pretrained
 from mmret.models.retrieval import build_model
 
@@ -56,7 +56,7 @@ def test_real_efficientnet_lite0_reproduces_torch(photos, checkpoint_path):
   with torch.no_grad():
     expected = reference(torch.from_numpy(photos.transpose(0, 3, 1, 2))).numpy()
 
-  cfg = common.model_config("minilm_l6_efficientnet_lite0")
+  cfg = config_lib.model_config("minilm_l6_efficientnet_lite0")
   model = build_model(cfg, vocab_size=10, max_text_len=4)
   params = jax.jit(lambda k: model.init(k, {"image": photos[:1]})["params"])(jax.random.PRNGKey(0))
   params = pretrained.load_into(params, f"efficientnet_lite0:{checkpoint_path}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import transformers
 
-from configs import common
+from mmret import config_lib
 from mmret.models import pretrained
 from mmret.models.retrieval import build_model
 
@@ -19,7 +19,7 @@ ATOL = 1e-5
 
 
 def _image_model(patch, image_size, *, ln_eps, layer_scale=False):
-  cfg = common.model_config("tiny")
+  cfg = config_lib.model_config("tiny")
   cfg.image.update(
       width=32,
       depth=2,
@@ -32,7 +32,7 @@ def _image_model(patch, image_size, *, ln_eps, layer_scale=False):
   cfg.embed_dim = 32
   model = build_model(cfg, vocab_size=10, max_text_len=4)
   images = np.zeros((1, image_size, image_size, 3), np.float32)
-  return model, model.init(jax.random.PRNGKey(0), {"image": images})["params"]
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), {"image": images})["params"]
 
 
 def _compare(model, params, reference, images):

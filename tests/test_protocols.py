@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmret import evals
-from mmret.evals import embed, protocols
+from mmret import registry
+from mmret.evals import embed, protocols, runner
 
 DIM = 8
 
@@ -440,12 +440,18 @@ EVALS = {
 
 
 def test_run_evals_schedules_names_and_writes_reports(tmp_path):
-  run = dict(params=PARAMS, data_dir="/data", open_split=_open_split, batches_fn=fake_eval_batches)
-  assert evals.run_evals(predict_fn, EVALS, INPUT_CFG, 3, str(tmp_path), **run) == {}
-  at_2 = evals.run_evals(predict_fn, EVALS, INPUT_CFG, 2, str(tmp_path), **run)
+  run = dict(
+      params=PARAMS,
+      data_dir="/data",
+      open_split=_open_split,
+      batches_fn=fake_eval_batches,
+      evaluators=registry.evaluator,
+  )
+  assert runner.run_evals(predict_fn, EVALS, INPUT_CFG, 3, str(tmp_path), **run) == {}
+  at_2 = runner.run_evals(predict_fn, EVALS, INPUT_CFG, 2, str(tmp_path), **run)
   assert at_2["eval/flickr/rsum"] == 500.0
   assert not any(key.startswith("eval/mbeir/") for key in at_2)
-  final = evals.run_evals(predict_fn, EVALS, INPUT_CFG, 4, str(tmp_path), final=True, **run)
+  final = runner.run_evals(predict_fn, EVALS, INPUT_CFG, 4, str(tmp_path), final=True, **run)
   assert final["eval/mbeir/global/joint/recall@1"] == 50.0
   with open(tmp_path / "eval" / "flickr.json") as f:
     record = json.load(f)
@@ -468,7 +474,7 @@ def test_run_evals_schedules_names_and_writes_reports(tmp_path):
 def test_run_evals_rejects_unknown_fields():
   bad = {"flickr": dict(EVALS["flickr"], fold_sise=1000)}
   with pytest.raises(ValueError, match=r"config.evals.flickr: unknown fields \['fold_sise'\]"):
-    evals.run_evals(
+    runner.run_evals(
         predict_fn,
         bad,
         INPUT_CFG,
@@ -478,13 +484,15 @@ def test_run_evals_rejects_unknown_fields():
         data_dir="/data",
         open_split=_open_split,
         batches_fn=fake_eval_batches,
+        evaluators=registry.evaluator,
     )
   with pytest.raises(KeyError, match="unknown evaluator type 'covr'"):
-    evals.run_evals(
+    runner.run_evals(
         predict_fn,
         {"x": dict(type="covr", dataset="toy", split="s", every=1)},
         INPUT_CFG,
         2,
         None,
         open_split=_open_split,
+        evaluators=registry.evaluator,
     )

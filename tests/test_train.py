@@ -1,23 +1,28 @@
-"""End-to-end training: metrics, checkpoints, bit-identical resume, non-finite loss."""
+"""End-to-end training: metrics, evaluations recomputed independently, checkpoints, bit-identical
+resume, non-finite loss, truncated checkpoints."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import recall_reference
 
 from configs import clip
 from mmret import checkpoint as ckpt_lib
-from mmret import losses, train
+from mmret import registry, train
 from mmret import step as step_lib
 from mmret.losses.contrastive import clip_loss
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
+
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))
+def data_dir(world_data_dir):
+  return world_data_dir
 
 
 def _config(data_dir, **overrides):
@@ -40,37 +45,70 @@ def _params(workdir, config):
   return int(state.step), jax.device_get(state.params)
 
 
-def test_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, data_dir):
+def _lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(x) for x in f]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+  """(config, workdir, final metrics) of a 6-step CLIP run with evaluations, shared by the tests
+  that read a finished run (each works on a copy when it changes the run)."""
   config = _config(data_dir)
-  final = train.run(config, str(tmp_path))
-  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  workdir = str(tmp_path_factory.mktemp("finished"))
+  return config, workdir, train.run(config, workdir)
+
+
+def _copy(run_dir, tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(run_dir, copy)
+  return copy
+
+
+def test_run_writes_metrics_tensorboard_and_checkpoints(finished_run, tmp_path):
+  config, workdir, final = finished_run
+  lines = _lines(workdir)
   # One line per training step, then the final evaluations' line at the last step.
   train_lines = [x for x in lines if "loss" in x]
   eval_lines = [x for x in lines if "loss" not in x]
   assert [x["step"] for x in train_lines] == list(range(1, 7))
-  assert all(np.isfinite(x["loss"]) for x in train_lines)
   assert [x["step"] for x in eval_lines] == [6]
-  assert {"eval/caption5/rsum", "eval/universal/local/average"} <= set(eval_lines[0])
+  assert train_lines[-1]["loss"] == final["loss"] and train_lines[-1]["lr"] == final["lr"]
   # Throughput is measured from the second step on (the first one compiles).
+  assert "examples_per_sec_per_device" not in train_lines[0]
   assert all(x["examples_per_sec_per_device"] > 0 for x in train_lines[1:])
-  assert os.listdir(tmp_path / "tensorboard")
-  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3, 6]
-  assert final["step"] == 6 and json.load(open(tmp_path / "final_metrics.json"))["step"] == 6
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  checkpoints = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert sorted(int(s) for s in checkpoints if s.isdigit()) == [3, 6]
+  with open(os.path.join(workdir, "final_metrics.json")) as f:
+    assert json.load(f) == final
+
+  # The evaluation reports what the trained model's embeddings give, recomputed here in numpy.
+  _, params = _params(workdir, config)
+  expected = recall_reference.trained_caption5_recall(
+      train.Setup(config).predict,
+      params,
+      config.input,
+      "mmret_world/tiny",
+      "caption5",
+      config.input.data_dir,
+  )
+  for key, value in expected.items():
+    assert eval_lines[0][f"eval/caption5/{key}"] == pytest.approx(value, abs=1e-6), key
+  assert "eval/universal/local/average" in eval_lines[0]
 
   # Launched again, the finished run resumes at its last step: no training, evaluations again.
-  again = train.run(config, str(tmp_path))
-  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  again_dir = _copy(workdir, tmp_path)
+  again = train.run(config, again_dir)
+  lines = _lines(again_dir)
   assert [x["step"] for x in lines if "loss" in x] == list(range(1, 7))
   assert [x["step"] for x in lines if "loss" not in x] == [6, 6]
   assert again["eval/caption5/rsum"] == final["eval/caption5/rsum"]
 
 
-@pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, monkeypatch, mapping):
-  config = _config(data_dir, mapping=mapping)
-  train.run(config, str(tmp_path / "straight"))
-
-  # Crash while moving the 5th batch to the devices: checkpoint 3 exists, steps 4.. do not.
+def _interrupted_then_resumed(config, workdir, monkeypatch):
+  """Runs ``config``, crashing while moving the 5th batch to the devices (checkpoint 3 exists,
+  steps 4.. do not), then launches it again."""
   real_put_batch = step_lib.DeviceMapping.put_batch
   calls = {"n": 0}
 
@@ -82,25 +120,33 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_dir, monkey
 
   monkeypatch.setattr(step_lib.DeviceMapping, "put_batch", crashing_put_batch)
   with pytest.raises(KeyboardInterrupt):
-    train.run(config, str(tmp_path / "resumed"))
+    train.run(config, workdir)
   monkeypatch.setattr(step_lib.DeviceMapping, "put_batch", real_put_batch)
-  assert _params(str(tmp_path / "resumed"), config)[0] == 3
-  train.run(config, str(tmp_path / "resumed"))
+  assert _params(workdir, config)[0] == 3
+  train.run(config, workdir)
 
-  step_a, params_a = _params(str(tmp_path / "straight"), config)
-  step_b, params_b = _params(str(tmp_path / "resumed"), config)
+
+@pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
+def test_interrupted_and_resumed_run_is_bit_identical(
+    finished_run, tmp_path, data_dir, monkeypatch, mapping
+):
+  config, straight, _ = finished_run
+  config = _config(data_dir, mapping=mapping)
+  config.evals = {}  # evaluations change no parameter
+  if mapping != finished_run[0].mapping:
+    straight = str(tmp_path / "straight")
+    train.run(config, straight)
+  resumed = str(tmp_path / "resumed")
+  _interrupted_then_resumed(config, resumed, monkeypatch)
+
+  step_a, params_a = _params(straight, config)
+  step_b, params_b = _params(resumed, config)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  resumed_steps = [
-      line["step"]
-      for line in map(json.loads, open(tmp_path / "resumed" / "metrics.jsonl"))
-      if "loss" in line
-  ]
   # Step 4 ran before the crash and again after resuming from checkpoint 3; history is kept.
-  assert resumed_steps == [1, 2, 3, 4, 4, 5, 6]
+  assert [line["step"] for line in _lines(resumed) if "loss" in line] == [1, 2, 3, 4, 4, 5, 6]
 
 
-@losses.register("test_nan_after_scale_moves")
 def _nan_when_temperature_moves(outputs, batch, *, axis_name=None, tolerance=0.05):
   """CLIP loss that turns NaN once the learnable temperature has moved (after a few steps)."""
   loss, metrics = clip_loss(outputs, batch, axis_name=axis_name)
@@ -108,7 +154,8 @@ def _nan_when_temperature_moves(outputs, batch, *, axis_name=None, tolerance=0.0
   return jnp.where(moved, jnp.nan, loss), metrics
 
 
-def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path, data_dir):
+def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path, data_dir, monkeypatch):
+  monkeypatch.setitem(registry.LOSSES, "test_nan_after_scale_moves", _nan_when_temperature_moves)
   config = _config(data_dir, ckpt_every=1)
   config.total_steps = 20
   config.optim.lr = 0.02
@@ -122,22 +169,22 @@ def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path, data_dir)
   assert max(saved) == bad_step - 1  # nothing past the bad step was checkpointed
 
 
-def test_truncated_checkpoint_is_named(tmp_path, data_dir):
-  config = _config(data_dir)
-  config.total_steps = 3
-  train.run(config, str(tmp_path))
-  step_dir = tmp_path / "checkpoints" / "3"
+def test_truncated_checkpoint_is_named(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  workdir = _copy(workdir, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "6")
   data_files = [
       os.path.join(r, f)
-      for r, _, fs in os.walk(step_dir / "state")
+      for r, _, fs in os.walk(os.path.join(step_dir, "state"))
       for f in fs
       if os.path.getsize(os.path.join(r, f)) > 64
   ]
+  assert data_files
   for path in data_files:
     with open(path, "r+b") as f:
       f.truncate(16)
-  with pytest.raises(ckpt_lib.CheckpointError, match=str(step_dir)):
-    train.run(config, str(tmp_path))
+  with pytest.raises(ckpt_lib.CheckpointError, match=step_dir):
+    train.run(config, workdir)
 
 
 def test_batch_size_not_divisible_by_devices_is_an_error(tmp_path, data_dir):

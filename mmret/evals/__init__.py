@@ -1,11 +1,6 @@
 """Retrieval evaluation: embedding pass, exact and ScaNN search, metrics, protocols, reports.
 
-``run_evals`` runs the evaluations of ``config.evals`` (see ``mmret.evals.runner``); evaluators are
-registered by protocol type in ``mmret.evals.registry`` (``caption5``, ``retrieval``, ``mm2mm``,
-``mmeb``, defined in ``mmret.evals.protocols``).
+``runner.run_evals`` runs the evaluations of ``config.evals``; the evaluators (``protocols``:
+``caption5``, ``retrieval``, ``mm2mm``, ``mmeb``; ``modality_gap``; recipes' own, e.g. SOLAR's
+``solar_masks``) are listed by type name in ``mmret.registry.EVALUATORS``.
 """
-
-from mmret.evals.registry import get, names, register
-from mmret.evals.runner import run_evals
-
-__all__ = ["get", "names", "register", "run_evals"]

@@ -1,4 +1,4 @@
-"""The embedding pass: items -> batches -> a jitted model over all local devices -> [N, d].
+"""The embedding pass: items -> batches -> a jitted model over all local devices -> [N, ...].
 
 Batches come from ``mmret.data.pipeline.eval_batches`` (or any function with its signature):
 numpy dicts with the model inputs, ``valid`` bool [B] (False on padding rows) and ``index``
@@ -39,20 +39,26 @@ def local_mesh() -> jax.sharding.Mesh:
   )
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_embedding(predict_fn: PredictFn, key: str):
-  """predict_fn reduced to one output key, jitted once per (function, key)."""
+def _select(predict_fn: PredictFn, keys: tuple[str, ...]):
+  """predict_fn reduced to some of its outputs (each with one row per example)."""
 
-  def embed(params, batch):
+  def selected(params, batch):
     outputs = predict_fn(params, batch)
-    if key not in outputs:
+    missing = [key for key in keys if key not in outputs]
+    if missing:
       raise KeyError(
-          f"the model returned no {key!r} (outputs: {sorted(outputs)}); "
-          f"check that the batch carries the inputs of this modality"
+          f"the model returned no {missing} (outputs: {sorted(outputs)}); "
+          f"check that the batch carries the inputs they need"
       )
-    return outputs[key]
+    return {key: outputs[key] for key in keys}
 
-  return jax.jit(embed)
+  return selected
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_outputs(predict_fn: PredictFn, keys: tuple[str, ...]):
+  """:func:`_select` jitted once per (function, keys): evaluations reuse the compiled pass."""
+  return jax.jit(_select(predict_fn, keys))
 
 
 def _replicate(params, mesh):
@@ -88,9 +94,21 @@ def _default_batches_fn():
 
 
 def embed_items(
+    predict_fn: PredictFn, items: Sequence[dict], modality: str, **kwargs
+) -> np.ndarray:
+  """Embeds ``items`` with the output of ``modality`` and returns [len(items), d] in item order.
+
+  ``modality`` is 'image', 'text' or 'image,text' and picks ``z_image``, ``z_text`` or ``z_joint``;
+  the keyword arguments are :func:`item_outputs`' (``input_cfg`` and ``batch_size`` required).
+  """
+  key = embedding_key(modality)
+  return item_outputs(predict_fn, items, (key,), **kwargs)[key]
+
+
+def item_outputs(
     predict_fn: PredictFn,
     items: Sequence[dict],
-    modality: str,
+    keys: Sequence[str],
     *,
     input_cfg: Any,
     batch_size: int,
@@ -99,28 +117,28 @@ def embed_items(
     batches_fn: Optional[Callable] = None,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
-) -> np.ndarray:
-  """Embeds ``items`` with the output of ``modality`` and returns [len(items), d] in item order.
+) -> dict[str, np.ndarray]:
+  """The model outputs ``keys`` of every item: {key: [len(items), ...]} in item order (float32).
 
   Args:
     predict_fn: ``predict_fn(params, batch) -> outputs`` (pure; jitted here, so create it once and
       reuse it: a new function object compiles anew).
     items: records for ``eval_batches`` (e.g. ``{'image': bytes}``, ``{'text': str}`` or both).
-    modality: 'image', 'text' or 'image,text'; picks ``z_image``, ``z_text`` or ``z_joint``.
+    keys: the outputs to keep, each with one row per example (e.g. ``z_image``, ``image_tokens``).
     input_cfg, batch_size: passed to ``batches_fn``; batch_size is per process.
     params: model parameters passed to predict_fn (replicated over the mesh).
     mesh: 1-D device mesh splitting each batch; defaults to all local devices.
     batches_fn: ``eval_batches``-compatible batch source; defaults to mmret.data.pipeline's.
   """
-  key = embedding_key(modality)
+  keys = tuple(keys)
   mesh = mesh or local_mesh()
   batches_fn = batches_fn or _default_batches_fn()
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  embed = _jitted_embedding(predict_fn, key)
+  run = _jitted_outputs(predict_fn, keys)
   params = _replicate(params, mesh)
   row_sharding = NamedSharding(mesh, P(MESH_AXIS))
-  chunks, chunk_indices = [], []
+  chunks, chunk_indices = {key: [] for key in keys}, []
   for batch in batches_fn(
       items,
       input_cfg=input_cfg,
@@ -142,16 +160,25 @@ def embed_items(
     }
     inputs = jax.device_put(inputs, row_sharding)
     inputs["valid"] = jax.device_put(valid, row_sharding)
-    # Blocking here (np.asarray) keeps one program in flight, which also avoids the CPU
+    # Blocking here (device_get) keeps one program in flight, which also avoids the CPU
     # rendezvous stalls of back-to-back sharded programs.
-    z = np.asarray(embed(params, inputs), np.float32)
-    chunks.append(z[valid])
+    outputs = jax.device_get(run(params, inputs))
+    for key in keys:
+      chunks[key].append(np.asarray(outputs[key], np.float32)[valid])
     chunk_indices.append(index[valid])
-  width = chunks[0].shape[1] if chunks else 0
-  local_z = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
-  local_index = np.concatenate(chunk_indices) if chunk_indices else np.zeros((0,), np.int64)
-  all_z, all_index = _gather_processes(local_z, local_index, process_count)
-  return _restore_order(all_z, all_index, len(items))
+  if not chunk_indices:  # no items: every process yields no batch
+    return {key: np.zeros((0, 0), np.float32) for key in keys}
+  local_index = np.concatenate(chunk_indices)
+  out = {}
+  for key in keys:
+    local = np.concatenate(chunks[key])
+    gathered, all_index = _gather_processes(
+        local.reshape(len(local), -1), local_index, process_count
+    )
+    out[key] = _restore_order(gathered, all_index, len(items)).reshape(
+        (len(items),) + local.shape[1:]
+    )
+  return out
 
 
 def _gather_processes(z: np.ndarray, index: np.ndarray, process_count: int):

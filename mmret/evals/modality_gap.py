@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from mmret.evals import protocols
-from mmret.evals.registry import register
+from mmret.evals.evaluator import RECORDS, Evaluator
 
 # Short modality names (as in the metric keys) -> record modality of the embedding pass.
 MODALITIES = {"i": "image", "t": "text", "it": "image,text"}
@@ -91,7 +91,6 @@ class _Records:
     return item
 
 
-@register("modality_gap", data="records")
 def evaluate_modality_gap(
     predict_fn,
     *,
@@ -144,3 +143,6 @@ def evaluate_modality_gap(
   results = centroid_gap(embeddings)
   results.update({f"count/{name}": float(rows[name].size) for name in MODALITIES})
   return results
+
+
+MODALITY_GAP = Evaluator(evaluate_modality_gap, data=RECORDS)

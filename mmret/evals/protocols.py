@@ -26,7 +26,7 @@ import numpy as np
 from mmret.evals import metrics as metrics_lib
 from mmret.evals import search as search_lib
 from mmret.evals.embed import EMBEDDING_KEYS, embed_items
-from mmret.evals.registry import register
+from mmret.evals.evaluator import QUERIES_CANDIDATES, RECORDS, Evaluator
 
 # ---------------------------------------------------------------------------------------------
 # Records.
@@ -229,7 +229,6 @@ def _positive_positions(query_ids, positive_ids, candidate_position) -> list[lis
 # caption5: Flickr30K / COCO image<->text retrieval.
 
 
-@register("caption5", data="records")
 def evaluate_caption5(
     predict_fn,
     *,
@@ -324,7 +323,6 @@ def _candidate_columns(candidates, extra: dict) -> dict:
   return columns
 
 
-@register("retrieval", data="queries_candidates")
 def evaluate_retrieval(
     predict_fn,
     *,
@@ -442,7 +440,6 @@ def _drop_self(indices: np.ndarray, scores: np.ndarray, self_position: np.ndarra
   return kept_indices, kept_scores
 
 
-@register("mm2mm", data="queries_candidates")
 def evaluate_mm2mm(
     predict_fn,
     *,
@@ -520,7 +517,6 @@ def evaluate_mm2mm(
 # mmeb: each query ranks its own candidate list, the first being correct.
 
 
-@register("mmeb", data="queries_candidates")
 def evaluate_mmeb(
     predict_fn,
     *,
@@ -590,3 +586,9 @@ class _Subset(collections.abc.Sequence):
 
   def __getitem__(self, i):
     return self.records[self.rows[i]]
+
+
+CAPTION5 = Evaluator(evaluate_caption5, data=RECORDS)
+RETRIEVAL = Evaluator(evaluate_retrieval, data=QUERIES_CANDIDATES)
+MM2MM = Evaluator(evaluate_mm2mm, data=QUERIES_CANDIDATES)
+MMEB = Evaluator(evaluate_mmeb, data=QUERIES_CANDIDATES)

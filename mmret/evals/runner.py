@@ -7,7 +7,7 @@ Each entry of ``config.evals`` names one evaluation::
   config.evals.mbeir = dict(type='retrieval', dataset='/data/mbeir', split='test', every=0,
                             recall_k_by_pool=dict(fashioniq=10, fashion200k=10))
 
-Fields: ``type`` (a registered evaluator), ``dataset``, ``split`` (for query/candidate protocols
+Fields: ``type`` (an evaluator of ``mmret.registry.EVALUATORS``), ``dataset``, ``split`` (for query/candidate protocols
 the splits ``<split>_queries`` and ``<split>_candidates`` are read), ``every`` (run when
 ``step % every == 0``; 0 = only at the final evaluation), optional ``data_dir``, and every other
 field goes to the evaluator (``batch_size``, ``search``, protocol options).
@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 
-from mmret.evals import registry
 from mmret.evals import report
+from mmret.evals.evaluator import RECORDS, Evaluator
 
 # Fields read by the runner; the rest are the evaluator's options.
 RUNNER_FIELDS = ("type", "dataset", "split", "every", "data_dir")
@@ -43,14 +43,10 @@ def _default_open_split():
 
 
 def open_eval_data(
-    evaluator: registry.Evaluator,
-    dataset: str,
-    split: str,
-    data_dir: Optional[str],
-    open_split: Callable,
+    evaluator: Evaluator, dataset: str, split: str, data_dir: Optional[str], open_split: Callable
 ):
   """The ``data`` argument of ``evaluator``: one split, or the (queries, candidates) splits."""
-  if evaluator.data == "records":
+  if evaluator.data == RECORDS:
     return open_split(dataset, split, data_dir)
   return (
       open_split(dataset, f"{split}_queries", data_dir),
@@ -65,6 +61,7 @@ def run_evals(
     step: int,
     workdir: Optional[str],
     *,
+    evaluators: Callable[[str], Evaluator],
     params: Any = None,
     final: bool = False,
     data_dir: Optional[str] = None,
@@ -76,6 +73,7 @@ def run_evals(
   Args:
     predict_fn: ``predict_fn(params, batch) -> outputs``; create it once (it is jitted per object).
     evals_cfg: ``config.evals`` (name -> fields, see the module docstring).
+    evaluators: evaluator type name -> Evaluator (``mmret.registry.evaluator``).
     input_cfg: preprocessing config passed to the batch pipeline.
     step: training step, recorded in the reports.
     workdir: where ``eval/<name>.{json,md,png}`` go (process 0 only), and the evaluator's own
@@ -95,7 +93,7 @@ def run_evals(
         raise KeyError(f"config.evals.{name} has no {field!r} field (fields: {sorted(cfg)})")
     if not is_due(cfg.get("every", 0), step, final=final):
       continue
-    evaluator = registry.get(cfg["type"])
+    evaluator = evaluators(cfg["type"])
     options = {key: value for key, value in cfg.items() if key not in RUNNER_FIELDS}
     accepted = set(inspect.signature(evaluator.evaluate).parameters)
     unknown = sorted(set(options) - accepted)

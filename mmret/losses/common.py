@@ -1,4 +1,4 @@
-"""Building blocks shared by the losses: cross-device gathers and InfoNCE pieces."""
+"""Building blocks shared by the losses: cross-device gathers, labels and reductions."""
 
 import jax
 import jax.numpy as jnp
@@ -38,3 +38,33 @@ def cross_entropy(logits, labels):
   """Mean softmax cross-entropy of integer ``labels`` under ``logits`` [B,C]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def mean_over_valid(values, valid, axis_name=None):
+  """Mean of ``values`` over the ``valid`` entries of the whole batch (all devices), for losses.
+
+  On each device returns local_sum * n_devices / global_count, so that ``pmean`` over the devices
+  is the global mean (and its gradient the single-device gradient). Zero when nothing is valid.
+  """
+  valid = valid.astype(jnp.float32)
+  total = jnp.sum(values * valid)
+  count = jnp.sum(valid)
+  n_devices = 1.0
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+    n_devices = jax.lax.psum(1.0, axis_name)
+  return total * n_devices / jnp.maximum(count, 1.0)
+
+
+def global_mean(values, valid=None, axis_name=None):
+  """Mean over the valid entries of the global batch, the same value on every device (metrics)."""
+  values = jnp.asarray(values, jnp.float32)
+  valid = (
+      jnp.ones(values.shape, jnp.float32)
+      if valid is None
+      else jnp.broadcast_to(valid, values.shape).astype(jnp.float32)
+  )
+  sums = jnp.stack([jnp.sum(values * valid), jnp.sum(valid)])
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums[0] / jnp.maximum(sums[1], 1.0)

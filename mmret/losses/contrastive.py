@@ -1,12 +1,12 @@
-"""CLIP-style InfoNCE between the image and text embeddings."""
+"""InfoNCE: the CLIP loss between two embeddings, and its multi-positive form over masks."""
 
+import jax
 import jax.numpy as jnp
 
-from mmret.losses import register
 from mmret.losses.common import cross_entropy, gather, local_labels, temperature_scale
+from mmret.ops import NEG_INF
 
 
-@register("clip")
 def clip_loss(outputs, batch, *, axis_name=None, temperature=None, a="z_image", b="z_text"):
   """Symmetric InfoNCE: each local row of ``a`` against all of ``b`` gathered across devices, and back.
 
@@ -24,3 +24,18 @@ def clip_loss(outputs, batch, *, axis_name=None, temperature=None, a="z_image", 
   loss = 0.5 * (loss_ab + loss_ba)
   accuracy = jnp.mean(jnp.argmax(logits_ab, axis=-1) == labels)
   return loss, {"loss_i2t": loss_ab, "loss_t2i": loss_ba, "acc_i2t": accuracy, "scale": scale}
+
+
+def multi_positive_infonce(anchors, candidates, positive_mask, negative_mask, *, temperature=0.05):
+  """Per anchor: -log(sum_{P} e^{f.g/T} / sum_{P u N} e^{f.g/T}).
+
+  Args:
+    anchors: [A,d]. candidates: [C,d].
+    positive_mask, negative_mask: [A,C] bool, P(i) and N(i) (an entry in both counts once).
+  Returns (loss [A], valid [A]); an anchor without a positive has loss 0 and valid False.
+  """
+  logits = (anchors @ candidates.T).astype(jnp.float32) / temperature
+  positive_lse = jax.nn.logsumexp(jnp.where(positive_mask, logits, NEG_INF), axis=-1)
+  all_lse = jax.nn.logsumexp(jnp.where(positive_mask | negative_mask, logits, NEG_INF), -1)
+  valid = jnp.any(positive_mask, axis=-1)
+  return jnp.where(valid, all_lse - positive_lse, 0.0), valid

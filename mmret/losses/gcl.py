@@ -6,7 +6,8 @@ Modalities are the three embeddings of each sample: ``z_image`` (i), ``z_text`` 
 - ``gcl``: one softmax per (anchor, positive) over all three modalities of all N samples (a 3N-way
   softmax), the anchor's similarity with itself left out.
 - ``pairwise``: the six InfoNCE terms a->b, each softmax over modality b only.
-- ``cl``: image<->text InfoNCE only (the CLIP loss).
+- ``cl``: image<->text InfoNCE only: ``mmret.losses.contrastive.clip_loss`` (registered as both
+  ``clip`` and ``cl``).
 
 Across devices each device gathers every modality's embeddings; its local rows are the anchors, so
 ``pmean`` of the returned loss over devices equals the loss on the global batch.
@@ -17,21 +18,15 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from mmret.losses import register
 from mmret.losses.common import cross_entropy, gather, local_labels, temperature_scale
-from mmret.losses.contrastive import clip_loss
 
 MODALITY_KEYS = ("z_image", "z_text", "z_joint")
-
-# The image<->text InfoNCE baseline ("CL" in the GCL paper) is the CLIP loss.
-register("cl")(clip_loss)
 
 
 def _ordered_pairs(n_modalities):
   return list(itertools.permutations(range(n_modalities), 2))
 
 
-@register("gcl")
 def gcl_loss(
     outputs,
     batch,
@@ -83,7 +78,6 @@ def gcl_loss(
   return loss, {"acc_same_sample": jnp.mean(jnp.stack(hits)), "scale": scale}
 
 
-@register("pairwise")
 def pairwise_loss(outputs, batch, *, axis_name=None, temperature=None, keys=MODALITY_KEYS):
   """Mean of the six pairwise InfoNCE terms a->b, each a softmax over the N samples of modality b.
 

@@ -9,7 +9,7 @@ last real token). Same call signature and outputs as :class:`mmret.models.text.T
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmret.models.layers import Attention, Dtype, MlpBlock, key_bias, masked_mean
+from mmret.models.layers import Attention, Dtype, MlpBlock, check_text, key_bias, pool_text
 
 
 class BertBlock(nn.Module):
@@ -49,13 +49,10 @@ class BertEncoder(nn.Module):
   @nn.compact
   def __call__(self, text_ids, text_mask, *, train: bool = False):
     """text_ids [B,L] int, text_mask [B,L] bool -> dict(tokens=[B,L,w], pooled=[B,w])."""
-    if self.pool not in ("eos", "cls", "mean"):
-      raise ValueError(f"text pool must be 'eos', 'cls' or 'mean', got {self.pool!r}")
+    check_text(text_ids, self.max_len, self.pool)
     if self.causal:
       raise ValueError("the 'bert' text tower is bidirectional; set model.text_causal=False")
     length = text_ids.shape[1]
-    if length > self.max_len:
-      raise ValueError(f"text length {length} exceeds the model's max_len {self.max_len}")
     x = nn.Embed(
         self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="token_embed"
     )(text_ids).astype(self.dtype)
@@ -78,11 +75,4 @@ class BertEncoder(nn.Module):
           self.ln_eps,
           name=f"block{i}",
       )(x, bias, train=train)
-    if self.pool == "cls":
-      pooled = x[:, 0]
-    elif self.pool == "mean":
-      pooled = masked_mean(x, text_mask)
-    else:
-      last = jnp.maximum(text_mask.sum(axis=1) - 1, 0)
-      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return {"tokens": x, "pooled": pooled}
+    return {"tokens": x, "pooled": pool_text(x, text_mask, self.pool)}

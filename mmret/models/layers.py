@@ -6,11 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from mmret.ops import NEG_INF, masked_mean
 
-# Additive attention bias for a key that must not be attended to; finite so that a row whose keys
-# are all masked stays finite (it then attends uniformly, and callers mask its output).
-NEG_INF = -1e9
+Dtype = Any
 
 
 def quick_gelu(x):
@@ -155,12 +153,25 @@ def causal_bias(length: int, dtype=jnp.float32):
   return jnp.where(allowed, 0.0, NEG_INF)[None, None].astype(dtype)
 
 
-def masked_mean(x, mask):
-  """Mean of x [B,T,D] over the positions where mask [B,T] is set."""
-  m = mask.astype(x.dtype)[..., None]
-  return (x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+TEXT_POOLS = ("eos", "cls", "mean")
 
 
-def l2_normalize(x, eps=1e-6):
-  x = x.astype(jnp.float32)
-  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+def check_text(text_ids, max_len: int, pool: str):
+  """Refuses a text pooling it does not know and texts longer than the position table."""
+  if pool not in TEXT_POOLS:
+    raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
+  if text_ids.shape[1] > max_len:
+    raise ValueError(f"text length {text_ids.shape[1]} exceeds the model's max_len {max_len}")
+
+
+def pool_text(tokens, text_mask, pool: str):
+  """One vector per text from its tokens [B,L,w]: 'eos' (the last real token, CLIP), 'cls' (the
+  first token, BERT) or 'mean' (over real tokens, sentence-transformers)."""
+  if pool == "cls":
+    return tokens[:, 0]
+  if pool == "mean":
+    return masked_mean(tokens, text_mask)
+  if pool == "eos":
+    last = jnp.maximum(text_mask.sum(axis=1) - 1, 0)
+    return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")

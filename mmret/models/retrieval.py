@@ -6,6 +6,8 @@ Output contract (every method reads these keys; a key is absent when its input i
   text_mask [B,L]            True on real text tokens
   logit_scale                log of the contrastive inverse temperature (learnable)
   prototypes [K,d]           L2-normalised learnable prototypes (when num_prototypes > 0)
+The last two are shared by the whole batch (``SHARED_OUTPUTS``); every other output has one row
+per example.
 """
 
 import math
@@ -17,9 +19,12 @@ from mmret.models import sizes
 from mmret.models.bert import BertEncoder
 from mmret.models.efficientnet import EfficientNetLite0
 from mmret.models.joint import JointEncoder
-from mmret.models.layers import Dtype, l2_normalize
+from mmret.models.layers import Dtype
 from mmret.models.text import TextTransformer
 from mmret.models.vit import ViT
+from mmret.ops import l2_normalize
+
+SHARED_OUTPUTS = ("logit_scale", "prototypes")
 
 
 class Adapter(nn.Module):

@@ -3,7 +3,7 @@
 Sizes named after a published checkpoint reproduce its architecture exactly, so the checkpoint
 loads into them (``model.init``, see mmret/models/pretrained.py). Their ``model_defaults`` are the
 top-level ``config.model`` fields the checkpoint needs (e.g. CLIP's causal text tower);
-``configs.common.model_config(size)`` applies them.
+``mmret.config_lib.model_config(size)`` applies them.
 """
 
 SIZES = {

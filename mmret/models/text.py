@@ -8,7 +8,7 @@ end token is the last real token of mmret's tokenizers, where CLIP pools).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmret.models.layers import Dtype, Encoder, causal_bias, key_bias, masked_mean
+from mmret.models.layers import Dtype, Encoder, check_text, causal_bias, key_bias, pool_text
 
 
 class TextTransformer(nn.Module):
@@ -28,11 +28,8 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, text_ids, text_mask, *, train: bool = False):
     """text_ids [B,L] int, text_mask [B,L] bool -> dict(tokens=[B,L,w], pooled=[B,w])."""
-    if self.pool not in ("eos", "cls", "mean"):
-      raise ValueError(f"text pool must be 'eos', 'cls' or 'mean', got {self.pool!r}")
+    check_text(text_ids, self.max_len, self.pool)
     length = text_ids.shape[1]
-    if length > self.max_len:
-      raise ValueError(f"text length {length} exceeds the model's max_len {self.max_len}")
     x = nn.Embed(
         self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="token_embed"
     )(text_ids).astype(self.dtype)
@@ -51,11 +48,4 @@ class TextTransformer(nn.Module):
         self.ln_eps,
         name="encoder",
     )(x, bias, train=train)
-    if self.pool == "cls":
-      pooled = x[:, 0]
-    elif self.pool == "mean":
-      pooled = masked_mean(x, text_mask)
-    else:
-      last = jnp.maximum(text_mask.sum(axis=1) - 1, 0)
-      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return {"tokens": x, "pooled": pooled}
+    return {"tokens": x, "pooled": pool_text(x, text_mask, self.pool)}

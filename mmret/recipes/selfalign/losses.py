@@ -1,43 +1,19 @@
-"""SelfAlign: VSE++ on global embeddings plus concept- and context-level alignment of locals.
+"""SelfAlign's losses: VSE++ on the global embeddings plus concept- and context-level alignment.
 
 Local features (``image_tokens`` [B,P,d], ``text_tokens`` [B,L,d]) are L2-normalised before any
-similarity, so every score below is a cosine. The pieces are pure functions of arrays; ``vsepp`` and
-``selfalign`` (their weighted sum) are the registered losses. Where a mean runs over a variable
-number of valid elements (words, anchors with at least one valid token), :func:`mean_over_valid`
-scales it so that ``pmean`` over devices equals the mean over the global batch.
+similarity, so every score below is a cosine. The pieces are pure functions of arrays and
+:func:`selfalign_loss` their weighted sum (the loss of the ``selfalign`` method). Where a mean runs
+over a variable number of valid elements (words, anchors with at least one valid local),
+``mean_over_valid`` scales it so that ``pmean`` over devices equals the mean over the global batch.
 """
 
 import jax
 import jax.numpy as jnp
 
-from mmret.losses import register
-from mmret.losses.common import gather, local_labels
-from mmret.methods.sinkhorn import sinkhorn
-
-# Logit given to excluded entries: finite so that rows with nothing left stay NaN-free under grad.
-MASKED_LOGIT = -1e9
-# The two partial similarities of the final score are weighted 0.5; packing splits it evenly.
-CONTEXT_SCORE_WEIGHT = 0.5
-
-
-def l2_normalize(x, axis=-1, eps=1e-6):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-def mean_over_valid(values, valid, axis_name=None):
-  """Mean of ``values`` over the ``valid`` entries of the whole batch (all devices).
-
-  On each device returns local_sum * n_devices / global_count, so that ``pmean`` over the devices is
-  the global mean (and its gradient the single-device gradient). Zero when nothing is valid.
-  """
-  valid = valid.astype(jnp.float32)
-  total = jnp.sum(values * valid)
-  count = jnp.sum(valid)
-  n_devices = 1.0
-  if axis_name is not None:
-    count = jax.lax.psum(count, axis_name)
-    n_devices = jax.lax.psum(1.0, axis_name)
-  return total * n_devices / jnp.maximum(count, 1.0)
+from mmret.losses.common import gather, local_labels, mean_over_valid
+from mmret.losses.vsepp import vsepp_loss
+from mmret.ops import NEG_INF, l2_normalize
+from mmret.recipes.selfalign.sinkhorn import sinkhorn
 
 
 def _text_mask(outputs, batch):
@@ -46,39 +22,6 @@ def _text_mask(outputs, batch):
   if "text_mask" in batch:
     return batch["text_mask"]
   raise KeyError("selfalign needs 'text_mask' in the model outputs or the batch")
-
-
-# --- VSE++ ----------------------------------------------------------------------------------------
-
-
-def _hinge_per_anchor(scores, own, margin, max_violation):
-  """scores [B,N] of local anchors vs all candidates; own [B] column of each anchor's positive."""
-  rows = jnp.arange(scores.shape[0])
-  positive = scores[rows, own]
-  is_positive = jnp.zeros(scores.shape, bool).at[rows, own].set(True)
-  cost = jnp.where(is_positive, 0.0, jax.nn.relu(margin + scores - positive[:, None]))
-  return jnp.max(cost, axis=-1) if max_violation else jnp.sum(cost, axis=-1)
-
-
-@register("vsepp")
-def vsepp_loss(
-    outputs, batch, *, axis_name=None, margin=0.2, max_violation=True, a="z_image", b="z_text"
-):
-  """VSE++ hinge loss, both directions, negatives = all other samples across devices.
-
-  Per anchor: [margin + s(anchor, negative) - s(anchor, positive)]_+ on the hardest negative
-  (``max_violation=True``) or summed over all negatives (``False``, the VSE0 variant). The loss is
-  the mean over anchors of a->b plus the mean over anchors of b->a (VSE++'s sum divided by N).
-  """
-  del batch
-  za, zb = outputs[a], outputs[b]
-  own = local_labels(za.shape[0], axis_name)
-  scores_ab = za @ gather(zb, axis_name).T
-  scores_ba = zb @ gather(za, axis_name).T
-  loss_ab = jnp.mean(_hinge_per_anchor(scores_ab, own, margin, max_violation))
-  loss_ba = jnp.mean(_hinge_per_anchor(scores_ba, own, margin, max_violation))
-  accuracy = jnp.mean(jnp.argmax(scores_ab, axis=-1) == own)
-  return loss_ab + loss_ba, {"loss_i2t": loss_ab, "loss_t2i": loss_ba, "acc_i2t": accuracy}
 
 
 # --- Concept-level alignment ----------------------------------------------------------------------
@@ -150,13 +93,13 @@ def context_nce(global_a, locals_b, mask_b, *, temperature=0.7, num_negatives=51
   sample_of_local = jnp.arange(all_locals.shape[0]) // n_locals
   own = local_labels(batch, axis_name)
   excluded = (sample_of_local[None, :] == own[:, None]) | ~all_mask[None, :]
-  negative = jnp.where(excluded, MASKED_LOGIT, negative)
+  negative = jnp.where(excluded, NEG_INF, negative)
   k = min(num_negatives, all_locals.shape[0] - n_locals)
   if k > 0:
     hardest, _ = jax.lax.top_k(negative, k)
     negative_lse = jax.nn.logsumexp(hardest, axis=-1, keepdims=True)
   else:  # a global batch of one sample has no negatives
-    negative_lse = jnp.full((batch, 1), MASKED_LOGIT)
+    negative_lse = jnp.full((batch, 1), NEG_INF)
   per_positive = -(positive - jnp.logaddexp(positive, negative_lse))
   mask_b = mask_b.astype(jnp.float32)
   count = jnp.sum(mask_b, axis=-1)
@@ -183,65 +126,9 @@ def context_alignment_loss(
   return 0.5 * (image_to_words + text_to_regions)
 
 
-# --- Final similarity and retrieval vectors -------------------------------------------------------
-
-
-def _masked_softmax(logits, mask):
-  logits = jnp.where(mask, logits, MASKED_LOGIT)
-  return jax.nn.softmax(logits, axis=-1) * mask
-
-
-def context_vector(global_vec, locals_, mask=None, *, temperature=0.1):
-  """Context of a sample: its locals pooled by attention gated by its own global vector.
-
-  Weights = softmax over valid locals of cos(global, local) / temperature; the pooled vector is
-  L2-normalised. Shapes: global [B,d], locals [B,T,d], mask [B,T] -> [B,d].
-  """
-  if mask is None:
-    mask = jnp.ones(locals_.shape[:2], bool)
-  locals_ = l2_normalize(locals_)
-  gate = jnp.einsum("bd,btd->bt", l2_normalize(global_vec), locals_) / temperature
-  weights = _masked_softmax(gate, mask)
-  return l2_normalize(jnp.einsum("bt,btd->bd", weights, locals_))
-
-
-def mean_local(locals_, mask=None):
-  """L2-normalised mean of a sample's valid (L2-normalised) locals: [B,T,d] -> [B,d]."""
-  if mask is None:
-    mask = jnp.ones(locals_.shape[:2], bool)
-  mask = mask.astype(jnp.float32)
-  total = jnp.einsum("bt,btd->bd", mask, l2_normalize(locals_))
-  return l2_normalize(total / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0))
-
-
-def selfalign_similarity(
-    z_image, image_tokens, z_text, text_tokens, text_mask, *, pooling_temperature=0.1
-):
-  """Final score matrix [images, texts]: g_i.g_t + 0.5 (ctx_i.mean_t + mean_i.ctx_t)."""
-  ctx_i = context_vector(z_image, image_tokens, temperature=pooling_temperature)
-  ctx_t = context_vector(z_text, text_tokens, text_mask, temperature=pooling_temperature)
-  mean_i, mean_t = mean_local(image_tokens), mean_local(text_tokens, text_mask)
-  return z_image @ z_text.T + CONTEXT_SCORE_WEIGHT * (ctx_i @ mean_t.T + mean_i @ ctx_t.T)
-
-
-def image_retrieval_vector(z_image, image_tokens, *, pooling_temperature=0.1):
-  """[g_i, c*ctx_i, c*mean_i], c = sqrt(0.5): its dot with the text vector is the final score."""
-  c = CONTEXT_SCORE_WEIGHT**0.5
-  ctx = context_vector(z_image, image_tokens, temperature=pooling_temperature)
-  return jnp.concatenate([z_image, c * ctx, c * mean_local(image_tokens)], axis=-1)
-
-
-def text_retrieval_vector(z_text, text_tokens, text_mask, *, pooling_temperature=0.1):
-  """[g_t, c*mean_t, c*ctx_t] with c = sqrt(0.5), the partner of :func:`image_retrieval_vector`."""
-  c = CONTEXT_SCORE_WEIGHT**0.5
-  ctx = context_vector(z_text, text_tokens, text_mask, temperature=pooling_temperature)
-  return jnp.concatenate([z_text, c * mean_local(text_tokens, text_mask), c * ctx], axis=-1)
-
-
 # --- The full SelfAlign objective -----------------------------------------------------------------
 
 
-@register("selfalign")
 def selfalign_loss(
     outputs,
     batch,

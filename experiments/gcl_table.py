@@ -1,6 +1,6 @@
 r"""The GCL paper-table analog: a pretrained dual encoder before and after CL / pairwise / GCL.
 
-  python -m mmret.experiments.gcl_table --workdir=DIR [--seeds=0,1,2] [--size=tiny] \
+  python -m experiments.gcl_table --workdir=DIR [--seeds=0,1,2] [--size=tiny] \
       [--world=tiny] [--steps=100] [--pretrain_steps=200] [--fusion=fusion]
 
 For each seed, ``init`` trains the CLIP pretraining stage of configs/gcl.py (the dual encoder
@@ -23,8 +23,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import gcl
+from experiments import table
+from mmret import train
 from mmret.data import world
-from mmret.experiments import table
 
 VARIANTS = ("init", "cl", "pairwise", "gcl")
 # Modality-gap columns: evaluation name -> pairs of modalities.
@@ -83,8 +84,10 @@ def link_pretrain_stages(workdir: str, variants, seeds):
     for seed in seeds:
       run_dir = os.path.join(workdir, variant, f"seed{seed}")
       os.makedirs(run_dir, exist_ok=True)
-      link = os.path.join(run_dir, gcl.PRETRAIN)
-      target = os.path.join("..", "..", "init", f"seed{seed}", gcl.PRETRAIN)
+      link = train.stage_dir(run_dir, gcl.PRETRAIN)
+      target = os.path.relpath(
+          train.stage_dir(os.path.join(workdir, "init", f"seed{seed}"), gcl.PRETRAIN), run_dir
+      )
       if os.path.islink(link) and os.readlink(link) == target:
         continue
       if os.path.lexists(link):

@@ -1,6 +1,6 @@
 r"""SelfAlign's ablation table on the embedded world: base / +concept / +context / both.
 
-  python -m mmret.experiments.selfalign_table --workdir=/tmp/selfalign_table [--seeds=0,1,2] \
+  python -m experiments.selfalign_table --workdir=/tmp/selfalign_table [--seeds=0,1,2] \
       [--steps=150] [--sum_warmup=100] [--size=tiny] [--world=tiny] [--data_dir=/tmp/mmret_data]
 
 Each variant of ``configs/selfalign.py`` is trained for every seed and evaluated with the 5-caption
@@ -17,8 +17,10 @@ import time
 from absl import app, flags
 
 from configs import selfalign
-from mmret import train
-from mmret.experiments import table
+from experiments import table
+from mmret import registry, train
+from mmret.evals import runner
+from mmret.recipes.selfalign import method as selfalign_method
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the runs and the table.", required=True)
@@ -75,23 +77,20 @@ def global_scored_metrics(config, run_dir: str) -> dict:
   Separates what the training of a variant changes from what its final similarity changes. Cached
   in ``run_dir/global_scored.json``.
   """
-  from mmret import evals  # pylint: disable=import-outside-toplevel
-  from mmret.methods import selfalign_recipe  # pylint: disable=import-outside-toplevel
-
   cache = os.path.join(run_dir, GLOBAL_SCORED)
   if os.path.exists(cache):
     with open(cache) as f:
       return json.load(f)
-  name, stage = train.stage_configs(config)[-1]
-  stage_dir = os.path.join(run_dir, name) if name else run_dir
+  stage, stage_dir = train.last_stage(config, run_dir)
   params = train.load_params(stage, stage_dir)
-  predict = selfalign_recipe.make_predict(train.Setup(stage).model, similarity="global")
-  results = evals.run_evals(
+  predict = selfalign_method.make_predict(train.Setup(stage).model, similarity="global")
+  results = runner.run_evals(
       predict,
       {"caption5": stage.evals.caption5.to_dict()},
       stage.input,
       stage.total_steps,
       None,
+      evaluators=registry.evaluator,
       params=params,
       final=True,
       data_dir=stage.input.data_dir,
@@ -154,7 +153,7 @@ def main(argv):
           )
       )
   command = (
-      f"python -m mmret.experiments.selfalign_table --workdir={FLAGS.workdir} "
+      f"python -m experiments.selfalign_table --workdir={FLAGS.workdir} "
       f"--seeds={','.join(map(str, seeds))} --steps={FLAGS.steps} "
       f"--sum_warmup={FLAGS.sum_warmup} --size={FLAGS.size} --world={FLAGS.world}"
   )

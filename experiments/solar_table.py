@@ -1,6 +1,6 @@
 """SOLAR's paper-table analog on the embedded world: MM2MM for five recipes, mean ± std over seeds.
 
-  python -m mmret.experiments.solar_table --workdir=/tmp/solar_table --seeds=0,1,2
+  python -m experiments.solar_table --workdir=/tmp/solar_table --seeds=0,1,2
 
 Rows: CL with score fusion (image<->text InfoNCE, z_joint = normalise(z_image + z_text)), GCL on
 the same score-fusion model, SOLAR stage 1 only (the full-SOLAR runs' stage-1 result, evaluated
@@ -21,7 +21,8 @@ from absl import app, flags
 
 from configs import clip as clip_config
 from configs import solar as solar_config
-from mmret.experiments import table
+from experiments import table
+from mmret import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where runs, the table and its json go.", required=True)
@@ -122,7 +123,10 @@ def stage1_results(workdir, seeds) -> list:
   """Final metrics of the full-SOLAR runs' first stage (evaluated on MM2MM before stage 2)."""
   out = []
   for seed in seeds:
-    path = os.path.join(workdir, SOLAR_ROW, f"seed{seed}", "stage1", "final_metrics.json")
+    path = os.path.join(
+        train.stage_dir(os.path.join(workdir, SOLAR_ROW, f"seed{seed}"), "stage1"),
+        "final_metrics.json",
+    )
     with open(path) as f:
       out.append(json.load(f))
   return out

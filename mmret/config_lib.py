@@ -1,16 +1,22 @@
-"""Shared config pieces. Recipes build on these and override what they need.
+"""What recipe configs (``configs/*.py``) build on: the base config and argument parsing.
 
-Common knobs (every recipe has them): seed, total_steps, input.batch_size (global), log_every,
-eval_every, ckpt_every, model.size.
+Every recipe starts from :func:`base_config` (Flax's ``default.py`` pattern) and overrides what
+it needs; config files import only ``mmret``, so ``--config=/abs/path/configs/solar.py`` works from
+any working directory. Common knobs every recipe has: seed, total_steps, input.batch_size
+(global), log_every, eval_every, ckpt_every, model.size.
 """
 
 import ml_collections
 
+from mmret.data import pipeline
 from mmret.models import sizes
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
-  """Parses a config string argument 'k1=v1,k2=v2' (e.g. 'size=tiny') against typed defaults."""
+  """Parses a config string argument 'k1=v1,k2=v2' (e.g. 'size=tiny') against typed defaults.
+
+  Booleans accept true/false, yes/no and 1/0 (anything else is an error naming the value).
+  """
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
@@ -19,7 +25,12 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     if key not in parsed:
       raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     kind = type(defaults[key])
-    parsed[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    if kind is bool:
+      if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"config argument {key}={value!r} is not a boolean (true or false)")
+      parsed[key] = value.lower() in ("1", "true", "yes")
+    else:
+      parsed[key] = kind(value)
   return parsed
 
 
@@ -91,9 +102,44 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def base_config(
+    *, size: str = "tiny", world: str = "tiny", steps: int = 600
+) -> ml_collections.ConfigDict:
+  """The contrastive recipe every config starts from: CLIP's image <-> text InfoNCE, trained on the
+  embedded world ``mmret_world/<world>`` for ``steps`` steps, model ``size``, no evaluations."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = steps
+  config.log_every = 50
+  config.eval_every = 200
+  config.ckpt_every = 200
+  config.keep_ckpts = 2
+  config.mapping = "pmap"  # 'pmap' | 'shard_map'
+
+  config.input = pipeline.default_input_config()
+  config.input.train = [{"dataset": f"mmret_world/{world}", "split": "train", "weight": 1.0}]
+  config.input.batch_size = 64
+  if size != "tiny":
+    config.input.image_size = 64
+
+  config.model = model_config(size)
+  config.optim = optim_config(lr=1e-3 if size == "tiny" else 5e-4, warmup_steps=50)
+  config.method = ml_collections.ConfigDict({"name": "contrastive"})
+  config.loss = ml_collections.ConfigDict({"name": "clip"})
+  config.evals = ml_collections.ConfigDict()
+  return config
+
+
+def check_choice(recipe: str, name: str, value, choices):
+  """A config argument outside its choices is an error naming the recipe, argument and choices."""
+  if value not in choices:
+    raise ValueError(f"{recipe} config: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
 # ImageNet statistics (the EfficientNet-Lite0 checkpoint's preprocessing).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHIPPED_SIZE = "minilm_l6_efficientnet_lite0"
+TOWERS = ("scratch", "shipped")
 
 
 def use_shipped_towers(

@@ -1,8 +1,8 @@
 """The SelfAlign method: independent towers at retrieval time, scored by SelfAlign's final similarity.
 
 Training needs nothing beyond the model's own outputs (global vectors, adapted locals, text mask,
-re-normalised prototypes), which the ``selfalign`` loss reads; the forward only checks that they
-are there. Retrieval packs each side into one vector (see ``mmret.losses.selfalign``):
+re-normalised prototypes), which the method's loss (``losses.selfalign_loss``) reads; the forward
+only checks that they are there. Retrieval packs each side into one vector (:func:`image_retrieval_vector`, :func:`text_retrieval_vector`):
 
   image: [g_i, c ctx_i, c mean_i]      text: [g_t, c mean_t, c ctx_t]      c = sqrt(0.5)
 
@@ -16,12 +16,68 @@ so that a plain dot product (exact or ScaNN search) equals the final similarity
 so all three outputs share one width and can be searched in one pool.
 """
 
-from mmret import methods
-from mmret.losses.selfalign import image_retrieval_vector, l2_normalize, text_retrieval_vector
+import jax
+import jax.numpy as jnp
 
+from mmret import methods
+from mmret.ops import NEG_INF, l2_normalize, masked_mean
+from mmret.recipes.selfalign import losses
+
+# The two partial similarities of the final score are weighted 0.5; packing splits it evenly.
+CONTEXT_SCORE_WEIGHT = 0.5
 SIMILARITIES = ("final", "global")
 # Model outputs the selfalign loss reads from the training forward.
 TRAIN_KEYS = ("z_image", "z_text", "image_tokens", "text_tokens", "text_mask")
+
+
+def _masked_softmax(logits, mask):
+  logits = jnp.where(mask, logits, NEG_INF)
+  return jax.nn.softmax(logits, axis=-1) * mask
+
+
+def context_vector(global_vec, locals_, mask=None, *, temperature=0.1):
+  """Context of a sample: its locals pooled by attention gated by its own global vector.
+
+  Weights = softmax over valid locals of cos(global, local) / temperature; the pooled vector is
+  L2-normalised. Shapes: global [B,d], locals [B,T,d], mask [B,T] -> [B,d].
+  """
+  if mask is None:
+    mask = jnp.ones(locals_.shape[:2], bool)
+  locals_ = l2_normalize(locals_)
+  gate = jnp.einsum("bd,btd->bt", l2_normalize(global_vec), locals_) / temperature
+  weights = _masked_softmax(gate, mask)
+  return l2_normalize(jnp.einsum("bt,btd->bd", weights, locals_))
+
+
+def mean_local(locals_, mask=None):
+  """L2-normalised mean of a sample's valid (L2-normalised) locals: [B,T,d] -> [B,d]."""
+  if mask is None:
+    mask = jnp.ones(locals_.shape[:2], bool)
+  return l2_normalize(masked_mean(l2_normalize(locals_), mask))
+
+
+def selfalign_similarity(
+    z_image, image_tokens, z_text, text_tokens, text_mask, *, pooling_temperature=0.1
+):
+  """Final score matrix [images, texts]: g_i.g_t + 0.5 (ctx_i.mean_t + mean_i.ctx_t)."""
+  ctx_i = context_vector(z_image, image_tokens, temperature=pooling_temperature)
+  ctx_t = context_vector(z_text, text_tokens, text_mask, temperature=pooling_temperature)
+  mean_i, mean_t = mean_local(image_tokens), mean_local(text_tokens, text_mask)
+  return z_image @ z_text.T + CONTEXT_SCORE_WEIGHT * (ctx_i @ mean_t.T + mean_i @ ctx_t.T)
+
+
+def image_retrieval_vector(z_image, image_tokens, *, pooling_temperature=0.1):
+  """[g_i, c*ctx_i, c*mean_i], c = sqrt(0.5): its dot with the text vector is the final score."""
+  c = CONTEXT_SCORE_WEIGHT**0.5
+  ctx = context_vector(z_image, image_tokens, temperature=pooling_temperature)
+  return jnp.concatenate([z_image, c * ctx, c * mean_local(image_tokens)], axis=-1)
+
+
+def text_retrieval_vector(z_text, text_tokens, text_mask, *, pooling_temperature=0.1):
+  """[g_t, c*mean_t, c*ctx_t] with c = sqrt(0.5), the partner of :func:`image_retrieval_vector`."""
+  c = CONTEXT_SCORE_WEIGHT**0.5
+  ctx = context_vector(z_text, text_tokens, text_mask, temperature=pooling_temperature)
+  return jnp.concatenate([z_text, c * mean_local(text_tokens, text_mask), c * ctx], axis=-1)
 
 
 def _check_hparams(similarity, pooling_temperature):
@@ -43,9 +99,10 @@ def make_forward(model, *, similarity="final", pooling_temperature=0.1):
   _check_hparams(similarity, pooling_temperature)
   _check_model(model)
 
-  def forward(params, frozen, batch, *, rng, step):
+  def forward(params, frozen, batch, *, rng, step, axis_name=None):
     del frozen, step
-    outputs = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+    keys = methods.example_keys(rng, methods.batch_size(batch), axis_name=axis_name)
+    outputs = methods.apply_model(model, params, methods.model_inputs(batch), train=True, keys=keys)
     missing = [key for key in TRAIN_KEYS if key not in outputs]
     if missing:
       raise KeyError(
@@ -93,12 +150,6 @@ def make_predict(model, *, similarity="final", pooling_temperature=0.1):
   return predict
 
 
-def init_frozen(model, params, **hparams):
-  del model, params, hparams
-  return {}
-
-
-SELFALIGN = methods.register(
-    "selfalign",
-    methods.Method(make_forward=make_forward, make_predict=make_predict, init_frozen=init_frozen),
+SELFALIGN = methods.Method(
+    make_forward=make_forward, make_predict=make_predict, loss=losses.selfalign_loss
 )

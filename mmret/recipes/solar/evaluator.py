@@ -1,0 +1,254 @@
+"""SOLAR mask quality: predicted intersection masks vs the embedded world's ground truth.
+
+Evaluator type ``solar_masks`` (records with ``image``, ``caption``, ``caption_tags`` and
+``image_labels``, e.g. the world's ``train`` split)::
+
+  config.evals.masks = dict(type='solar_masks', dataset='mmret_world/tiny', split='train', every=0)
+
+The model's adapted tokens and unimodal globals come from the shared embedding pass
+(``mmret.evals.embed.item_outputs``); masks are fitted by ``masks.fit_masks``, as in training, with
+one density-crossing threshold per modality over the evaluated pairs (own partner vs every other
+pair's). Metrics (percent): ``{text,patch}_mask/{iou,precision,recall}`` micro-averaged over the
+examples, the predicted and true mask fractions, and the thresholds (cosines). Files in the
+evaluation's directory: ``overlays.png`` (per row: the image, the true intersection patches in
+green, the predicted ones in red) and ``text_masks.jsonl`` (per caption: its words, the true and
+the predicted intersection words).
+"""
+
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mmret.data import pipeline, preprocess
+from mmret.evals import embed
+from mmret.evals.evaluator import RECORDS, Evaluator
+from mmret.recipes.solar import masks as masks_lib
+
+OVERLAY_SCALE = 4  # pixels per image pixel in the overlay PNG
+TRUE_COLOUR = (0, 200, 0)
+PREDICTED_COLOUR = (230, 0, 0)
+PASS_OUTPUTS = ("image_tokens", "text_tokens", "text_mask", "z_image", "z_text")
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def ground_truth(records, input_cfg, num_examples: int) -> dict:
+  """The first ``num_examples`` records' truth: resized uint8 images, per-token intersection
+  tags and text masks, pixel labels, the caption words with their tags, and the items of the
+  embedding pass (``{'id', 'image', 'text'}``)."""
+  tokenizer = pipeline.tokenizer_for(input_cfg)
+  size, length = int(input_cfg.image_size), int(input_cfg.max_text_len)
+  columns = {
+      k: []
+      for k in (
+          "raw",
+          "text_mask",
+          "text_intersection",
+          "image_labels",
+          "words",
+          "word_tags",
+          "id",
+          "items",
+      )
+  }
+  for i in range(min(num_examples, len(records))):
+    record = records[i]
+    where = f"record #{i} (id {record.get('id', '?')!r})"
+    missing = [k for k in ("image", "caption", "caption_tags", "image_labels") if k not in record]
+    if missing:
+      raise KeyError(
+          f"{where} has no {missing}: solar_masks needs a split with ground-truth "
+          f"masks (fields: {sorted(record)})"
+      )
+    labels = preprocess.crop_resize(
+        np.asarray(record["image_labels"], np.uint8), None, size, nearest=True
+    )
+    caption = _text(record["caption"])
+    tags = np.asarray(record["caption_tags"]).reshape(-1)
+    _, mask, token_tags = tokenizer.encode_with_word_tags(caption, tags, length)
+    identifier = _text(record.get("id", i))
+    columns["raw"].append(
+        preprocess.crop_resize(preprocess.decode_image(record["image"], where=where), None, size)
+    )
+    columns["text_mask"].append(mask)
+    columns["text_intersection"].append(token_tags)
+    columns["image_labels"].append(labels)
+    columns["words"].append(caption.split())
+    columns["word_tags"].append(tags.tolist())
+    columns["id"].append(identifier)
+    columns["items"].append({"id": identifier, "image": record["image"], "text": caption})
+  if not columns["id"]:
+    raise ValueError("solar_masks: the split holds no records")
+  listed = ("words", "word_tags", "id", "items")
+  return {k: (v if k in listed else np.stack(v)) for k, v in columns.items()}
+
+
+def overlay_rows(raw_images, true_patches, predicted_patches, grid) -> np.ndarray:
+  """One uint8 picture: per example [image | true patches (green) | predicted (red)]."""
+  rows, cols = grid
+  blocks = []
+  for image, truth, predicted in zip(raw_images, true_patches, predicted_patches):
+    size = image.shape[0]
+    block = np.ones((size // rows, size // cols))
+    per_pixel = lambda mask: np.kron(mask.reshape(rows, cols), block)
+
+    def tinted(mask, colour):
+      alpha = 0.55 * per_pixel(mask)[..., None]
+      return (image * (1 - alpha) + np.asarray(colour) * alpha).astype(np.uint8)
+
+    gap = np.full((size, 2, 3), 255, np.uint8)
+    blocks.append(
+        np.concatenate(
+            [image, gap, tinted(truth, TRUE_COLOUR), gap, tinted(predicted, PREDICTED_COLOUR)],
+            axis=1,
+        )
+    )
+  separator = np.full((2, blocks[0].shape[1], 3), 255, np.uint8)
+  picture = np.concatenate([x for block in blocks for x in (block, separator)][:-1], axis=0)
+  return np.kron(picture, np.ones((OVERLAY_SCALE, OVERLAY_SCALE, 1), np.uint8))
+
+
+def _word_masks(tokenizer, words, token_mask_row):
+  """Per caption word: predicted when any of its tokens is (tokens follow the start token)."""
+  out, position = [], 1
+  for word in words:
+    count = len(tokenizer.word_ids(word))
+    out.append(bool(np.any(token_mask_row[position : position + count])))
+    position += count
+  return out
+
+
+def write_files(workdir, truth, image_mask, text_mask, true_patches, grid, num_overlays, input_cfg):
+  os.makedirs(workdir, exist_ok=True)
+  shown = slice(0, min(num_overlays, len(truth["id"])))
+  picture = overlay_rows(truth["raw"][shown], true_patches[shown], image_mask[shown], grid)
+  Image.fromarray(picture).save(os.path.join(workdir, "overlays.png"))
+  tokenizer = pipeline.tokenizer_for(input_cfg)
+  with open(os.path.join(workdir, "text_masks.jsonl"), "w") as f:
+    for i in range(shown.stop):
+      words = truth["words"][i]
+      predicted = _word_masks(tokenizer, words, text_mask[i])
+      f.write(
+          json.dumps(
+              {
+                  "id": truth["id"][i],
+                  "words": words,
+                  "true": [
+                      w
+                      for w, t in zip(words, truth["word_tags"][i])
+                      if t == masks_lib.INTERSECTION_LABEL
+                  ],
+                  "predicted": [w for w, p in zip(words, predicted) if p],
+              }
+          )
+          + "\n"
+      )
+
+
+def mask_metrics(outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6):
+  """Masks fitted on the evaluated pairs (``masks.fit_masks``) against the ground truth.
+
+  ``outputs``: ``image_tokens`` [N,P,d], ``text_tokens`` [N,L,d], ``z_image``, ``z_text`` [N,d];
+  ``truth``: ``text_mask`` and ``text_intersection`` (token tags) [N,L], ``image_labels`` [N,H,W].
+  Returns (metrics in percent, {'image', 'text', 'true_patches'} bool masks).
+  """
+  text_mask = np.asarray(truth["text_mask"], bool)
+  fitted = jax.device_get(
+      masks_lib.fit_masks(
+          jnp.asarray(outputs["image_tokens"]),
+          jnp.asarray(outputs["text_tokens"]),
+          jnp.asarray(text_mask),
+          jnp.asarray(outputs["z_image"]),
+          jnp.asarray(outputs["z_text"]),
+          min_variance=min_variance,
+      )
+  )
+  image_mask = np.asarray(fitted["image_intersection_mask"])
+  text_mask_hat = np.asarray(fitted["text_intersection_mask"])
+  grid = masks_lib.patch_grid(np.shape(outputs["image_tokens"])[1])
+  true_patches = np.asarray(
+      masks_lib.patch_labels(
+          jnp.asarray(truth["image_labels"]), grid, min_fraction=patch_label_fraction
+      )
+  )
+  true_tokens = np.asarray(truth["text_intersection"]) == masks_lib.INTERSECTION_LABEL
+  metrics = {
+      "image_threshold": float(fitted["image_threshold"]),
+      "text_threshold": float(fitted["text_threshold"]),
+      "patch_mask/predicted_fraction": 100.0 * image_mask.mean(),
+      "patch_mask/true_fraction": 100.0 * true_patches.mean(),
+      "text_mask/predicted_fraction": 100.0 * text_mask_hat[text_mask].mean(),
+      "text_mask/true_fraction": 100.0 * true_tokens[text_mask].mean(),
+  }
+  for name, predicted, true, valid in (
+      ("patch_mask", image_mask, true_patches, None),
+      ("text_mask", text_mask_hat, true_tokens, text_mask),
+  ):
+    quality = masks_lib.mask_quality(
+        jnp.asarray(predicted), jnp.asarray(true), None if valid is None else jnp.asarray(valid)
+    )
+    metrics.update({f"{name}/{k}": 100.0 * float(v) for k, v in quality.items()})
+  return metrics, {"image": image_mask, "text": text_mask_hat, "true_patches": true_patches}
+
+
+def evaluate_solar_masks(
+    predict_fn,
+    *,
+    data,
+    input_cfg,
+    workdir: Optional[str] = None,
+    params=None,
+    batch_size: int = 64,
+    num_examples: int = 256,
+    num_overlays: int = 8,
+    patch_label_fraction: float = 0.25,
+    min_variance: float = 1e-6,
+    batches_fn=None,
+    mesh=None,
+) -> dict:
+  """Mask quality on the first ``num_examples`` records; overlays of the first ``num_overlays``.
+
+  A patch is true intersection when at least ``patch_label_fraction`` of its pixels belong to an
+  intersection object (``masks.patch_labels``).
+  """
+  truth = ground_truth(data, input_cfg, num_examples)
+  outputs = embed.item_outputs(
+      predict_fn,
+      truth["items"],
+      PASS_OUTPUTS,
+      input_cfg=input_cfg,
+      batch_size=batch_size,
+      params=params,
+      batches_fn=batches_fn,
+      mesh=mesh,
+  )
+  if not np.array_equal(outputs["text_mask"] > 0.5, truth["text_mask"]):
+    raise ValueError(
+        "solar_masks: the embedding pass tokenised the captions differently from "
+        "the word-tag tokenisation; the tokenizer must split text on whitespace"
+    )
+  metrics, predicted = mask_metrics(
+      outputs, truth, patch_label_fraction=patch_label_fraction, min_variance=min_variance
+  )
+  if workdir is not None and jax.process_index() == 0:
+    write_files(
+        workdir,
+        truth,
+        predicted["image"],
+        predicted["text"],
+        predicted["true_patches"],
+        masks_lib.patch_grid(outputs["image_tokens"].shape[1]),
+        num_overlays,
+        input_cfg,
+    )
+  return metrics
+
+
+SOLAR_MASKS = Evaluator(evaluate_solar_masks, data=RECORDS)
