@@ -173,6 +173,7 @@ def test_modality_gap_evaluator_names_missing_inputs():
 
 # A one-layer model and small batches keep the two compiled train steps cheap.
 SMALL_RUN = {
+    "mapping": "shard_map",
     "input.batch_size": 16,
     "model.image.depth": 1,
     "model.text.depth": 1,

@@ -133,6 +133,7 @@ def test_short_run_of_the_full_method_gives_caption5_metrics(tmp_path, data_dir)
   config.input.max_text_len = 16
   config.model.image.depth = config.model.text.depth = 1  # the run checks the plumbing only
   config.log_every = 1
+  config.mapping = "shard_map"
   config.loss.num_negatives = 32
   final = train.run(config, str(tmp_path))
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

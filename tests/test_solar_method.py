@@ -277,7 +277,7 @@ def test_stage1_forward_runs_the_joint_encoder_under_the_annealed_masks(model_an
   assert sorted(frozen) == ["image_tower", "text_tower"]
 
 
-@pytest.mark.parametrize("mask_source", ["learned", "random", "oracle"])
+@pytest.mark.parametrize("mask_source", ["learned", "oracle"])
 def test_stage2_forward_embeds_the_trained_tokens_under_the_views(model_and_params, mask_source):
   model, params, batch = model_and_params
   # A mask model that differs from the trained parameters.
@@ -407,6 +407,7 @@ def test_two_stage_run_resumes_in_stage2_and_writes_overlays(tmp_path, world_dat
   config.input.data_dir = world_data_dir
   config.log_every = 1
   config.ckpt_every = 2
+  config.mapping = "shard_map"  # compiles faster than pmap; both are tested in test_recipe_steps
   del config.stages.stage2.evals["mm2mm"]  # the protocol has its own tests; keeps the run short
   config.stages.stage1.evals.masks.num_examples = 16
   config.stages.stage1.evals.masks.num_overlays = 3

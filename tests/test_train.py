@@ -156,10 +156,12 @@ def _nan_when_temperature_moves(outputs, batch, *, axis_name=None, tolerance=0.0
 
 def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path, data_dir, monkeypatch):
   monkeypatch.setitem(registry.LOSSES, "test_nan_after_scale_moves", _nan_when_temperature_moves)
-  config = _config(data_dir, ckpt_every=1)
+  config = _config(data_dir, ckpt_every=1, mapping="shard_map")
   config.total_steps = 20
-  config.optim.lr = 0.02
+  config.optim.lr, config.optim.warmup_steps = 0.02, 1
+  config.evals = {}
   config.loss.name = "test_nan_after_scale_moves"
+  config.loss.tolerance = 0.005  # NaN from the step after the temperature first moves
   with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step (\d+)") as err:
     train.run(config, str(tmp_path))
   bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
