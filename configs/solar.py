@@ -14,7 +14,14 @@ from the real EfficientNet-Lite0 and all-MiniLM-L6-v2 weights pip packages ship,
 MiniLM's vocabulary; use it with a real-image world, e.g.
 ``configs/solar.py:towers=shipped,world=fashion_tiny``; see ``common.use_shipped_towers``),
 oracle_masks (a diagnostic: stage 2 builds its views from the embedded world's ground-truth
-intersection labels instead of stage 1's masks, ``method.mask_source`` 'oracle').
+intersection labels instead of stage 1's masks, ``method.mask_source`` 'oracle'), threshold
+('pairs': the paper's density crossing of positive- and negative-pair scores; 'mixture': the
+intersection component fitted inside the positive pairs, ``masks.fit_mixture_threshold``; both
+stages and the mask evaluator), negatives (stage 2's hard negatives drop 'ratio', i.e.
+``method.negative_ratio`` of the difference units, or one 'fact': one phrase of the caption, one
+image segment; per modality in ``method.{text,image}_negative``), segments ('kmeans' or the
+paper's hierarchical 'agglomerative' grouping of patches), eval_split ('mm2mm', the reported set,
+or 'mm2mm_val', the held-out set settings are chosen on).
 
 Model: the towers -> 2-layer MLP adapters into the shared width -> a 3-layer joint encoder over
 [CLS; image tokens; text tokens] with per-token attention weights; z_image / z_text come from the
@@ -63,10 +70,18 @@ def get_config(arg=None):
       stage1_mm2mm=False,
       towers="scratch",
       oracle_masks=False,
+      threshold="pairs",
+      negatives="ratio",
+      segments="kmeans",
+      eval_split="mm2mm",
   )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")
   config_lib.check_choice("solar", "towers", arg.towers, config_lib.TOWERS)
+  config_lib.check_choice("solar", "threshold", arg.threshold, ("pairs", "mixture"))
+  config_lib.check_choice("solar", "negatives", arg.negatives, ("ratio", "fact"))
+  config_lib.check_choice("solar", "segments", arg.segments, ("kmeans", "agglomerative"))
+  config_lib.check_choice("solar", "eval_split", arg.eval_split, ("mm2mm", "mm2mm_val"))
   if arg.towers == "shipped":
     arg.size = config_lib.SHIPPED_SIZE
   config = config_lib.base_config(size=arg.size, world=arg.world, steps=arg.stage1_steps)
@@ -95,6 +110,7 @@ def get_config(arg=None):
           anneal_schedule="linear",
           mask_source=stage1_source,
           min_variance=1e-6,
+          threshold=arg.threshold,
       ),
       loss=dict(
           itc_weight=1.0,
@@ -102,6 +118,7 @@ def get_config(arg=None):
           ld_weight=0.1,
           gd_weight=0.1,
           gla_margin=0.2,
+          gd_include_self=False,
           temperature=None,
           patch_label_fraction=0.25,
       ),
@@ -120,12 +137,16 @@ def get_config(arg=None):
           view_mode="random",
           mask_ratio=0.3,
           negative_ratio=1.0,
+          text_negative=arg.negatives,
+          image_negative=arg.negatives,
+          threshold=arg.threshold,
+          segment_method=arg.segments,
           patch_label_fraction=0.25,
       ),
       loss=dict(temperature=0.05, symmetric=True),
       evals={},
   )
-  mm2mm = dict(type="mm2mm", dataset=world, split="mm2mm", batch_size=64, every=0)
+  mm2mm = dict(type="mm2mm", dataset=world, split=arg.eval_split, batch_size=64, every=0)
   if arg.evals:
     stage1["evals"]["masks"] = dict(
         type="solar_masks",
@@ -135,6 +156,7 @@ def get_config(arg=None):
         num_examples=256,
         num_overlays=8,
         patch_label_fraction=0.25,
+        threshold=arg.threshold,
     )
     if arg.stage1_mm2mm:
       stage1["evals"]["mm2mm"] = mm2mm

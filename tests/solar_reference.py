@@ -31,6 +31,41 @@ def gaussian_crossing(mean_a, var_a, mean_b, var_b):
   return between[0] if between else min(roots, key=lambda r: abs(r - 0.5 * (low + high)))
 
 
+def mixture_em(positive, negative, iterations=30, min_variance=1e-6):
+  """Two-Gaussian EM on the positive-pair scores (float64, written from the definition): the
+  difference component starts at the negative scores' moments, the intersection component at the
+  positive scores above their mean with weight = their fraction. Returns (threshold, mean_1,
+  var_1, weight_1): the threshold is the root between the means of
+  log(w1 N1) - log(w0 N0), found by bisection."""
+  x = np.asarray(positive, np.float64).ravel()
+  n = np.asarray(negative, np.float64).ravel()
+  mean_0, var_0 = n.mean(), max(n.var(), min_variance)
+  upper = x > x.mean()
+  mean_1, var_1, w = x[upper].mean(), max(x[upper].var(), min_variance), upper.mean()
+
+  def log_pdf(v, mean, var):
+    return -0.5 * (np.log(2 * np.pi * var) + (v - mean) ** 2 / var)
+
+  for _ in range(iterations):
+    a = np.log(w) + log_pdf(x, mean_1, var_1)
+    b = np.log(1 - w) + log_pdf(x, mean_0, var_0)
+    r = 1.0 / (1.0 + np.exp(b - a))
+    w = np.clip(r.mean(), 1e-6, 1 - 1e-6)
+    mean_1 = np.sum(r * x) / r.sum()
+    var_1 = max(np.sum(r * (x - mean_1) ** 2) / r.sum(), min_variance)
+    mean_0 = np.sum((1 - r) * x) / (1 - r).sum()
+    var_0 = max(np.sum((1 - r) * (x - mean_0) ** 2) / (1 - r).sum(), min_variance)
+  f = lambda v: np.log(w) + log_pdf(v, mean_1, var_1) - np.log(1 - w) - log_pdf(v, mean_0, var_0)
+  low, high = sorted((mean_0, mean_1))
+  for _ in range(200):
+    middle = 0.5 * (low + high)
+    if (f(middle) > 0) == (f(high) > 0):
+      high = middle
+    else:
+      low = middle
+  return 0.5 * (low + high), mean_1, var_1, w
+
+
 def intersection_threshold(tokens, mask, partner_global, min_variance=1e-6):
   """Crossing of the Gaussians fitted to own-partner and other-partner token cosines."""
   tokens, partner = normalize(tokens), normalize(partner_global)
@@ -79,10 +114,14 @@ def local_distillation(teacher, student, mask):
   return 1 - np.mean(corrs)
 
 
-def global_distillation(teacher_a, teacher_b, student_a, student_b):
+def global_distillation(teacher_a, teacher_b, student_a, student_b, include_self=False):
   teacher = normalize(teacher_a) @ normalize(teacher_b).T
   student = normalize(student_a) @ normalize(student_b).T
-  return 1 - np.mean([np.corrcoef(teacher[k], student[k])[0, 1] for k in range(len(teacher))])
+  corrs = []
+  for k in range(len(teacher)):
+    columns = [j for j in range(teacher.shape[1]) if include_self or j != k]
+    corrs.append(np.corrcoef(teacher[k, columns], student[k, columns])[0, 1])
+  return 1 - np.mean(corrs)
 
 
 def clip_infonce(za, zb, temperature):

@@ -39,6 +39,11 @@ RECIPES = {
     "solar_stage2_random": lambda: _stage(
         solar.get_config("evals=false,random_masks=true"), "stage2"
     ),
+    # The mixture threshold (EM over all devices), fact-level negatives, hierarchical segments.
+    "solar_stage2_options": lambda: _stage(
+        solar.get_config("evals=false,threshold=mixture,negatives=fact,segments=agglomerative"),
+        "stage2",
+    ),
     "selfalign": lambda: _stage(selfalign.get_config("variant=both"), selfalign.HARDEST_STAGE),
 }
 

@@ -92,20 +92,36 @@ def test_local_distillation_matches_reference_and_is_zero_for_equal_models():
   assert np.all(np.asarray(grad) == 0)
 
 
-def test_global_distillation_matches_reference_and_sharded_equals_single():
+@pytest.mark.parametrize("include_self", [False, True])
+def test_global_distillation_matches_reference_and_sharded_equals_single(include_self):
   rng = np.random.default_rng(4)
   x = {k: rng.normal(size=(16, 6)).astype(np.float32) for k in ("ta", "tb", "sa", "sb")}
-  got = losses.global_distillation(x["ta"], x["tb"], x["sa"], x["sb"])
-  np.testing.assert_allclose(
-      got, ref.global_distillation(x["ta"], x["tb"], x["sa"], x["sb"]), rtol=1e-5
-  )
+  got = losses.global_distillation(x["ta"], x["tb"], x["sa"], x["sb"], include_self=include_self)
+  want = ref.global_distillation(x["ta"], x["tb"], x["sa"], x["sb"], include_self=include_self)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
   def fn(w, x, axis_name=None):
     return losses.global_distillation(
-        x["ta"], x["tb"], x["sa"] * w, x["sb"] + w * x["sa"], axis_name=axis_name
+        x["ta"],
+        x["tb"],
+        x["sa"] * w,
+        x["sb"] + w * x["sa"],
+        include_self=include_self,
+        axis_name=axis_name,
     )
 
   assert_sharded_equals_single(fn, jnp.float32(0.7), x)
+
+
+def test_global_distillation_without_diagonal_sees_an_unrelated_teacher():
+  """Within-modality matrices: the shared diagonal of 1s makes unrelated rows correlate."""
+  rng = np.random.default_rng(6)
+  teacher, student = (rng.normal(size=(32, 64)).astype(np.float32) for _ in range(2))
+  with_self = float(
+      losses.global_distillation(teacher, teacher, student, student, include_self=True)
+  )
+  without = float(losses.global_distillation(teacher, teacher, student, student))
+  assert with_self < 0.5 and abs(without - 1.0) < 0.1, (with_self, without)
 
 
 # --- The stage-1 loss ------------------------------------------------------------------------------

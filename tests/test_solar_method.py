@@ -374,17 +374,37 @@ def test_mask_metrics_find_an_intersection_the_features_encode():
       "text_tokens": np.where((text_intersection == 1)[..., None], z_image[:, None], other),
   }
   truth = {"text_mask": text_mask, "text_intersection": text_intersection, "image_labels": labels}
-  metrics, predicted = evaluator.mask_metrics(outputs, truth)
+  metrics, predicted, panels = evaluator.mask_metrics(outputs, truth)
   for name in ("patch_mask", "text_mask"):
-    for quality in ("precision", "recall", "iou"):
+    for quality in ("precision", "recall", "iou", "auc"):
       assert metrics[f"{name}/{quality}"] == pytest.approx(100.0), (name, quality)
+  # Scores by kind: intersection units score 1 (cosine to their partner), all others 0.
+  assert metrics["text_scores/intersection"] == pytest.approx(1.0)
+  assert metrics["text_scores/template"] == pytest.approx(0.0, abs=1e-6)
+  assert metrics["text_scores/text_only"] == pytest.approx(0.0, abs=1e-6)
+  assert metrics["patch_scores/image_only"] == pytest.approx(0.0, abs=1e-6)
+  (_, patch_groups, _), (_, text_groups, _) = panels
+  assert [v.size for v in patch_groups.values()] == [2 * n, n, n]  # background, shared, image-only
+  assert [v.size for v in text_groups.values()] == [n, 2 * n, n]  # padding left out
+  picture = evaluator.draw_score_histograms(panels)
+  assert picture.ndim == 3 and (picture != 255).any()
   assert metrics["patch_mask/true_fraction"] == pytest.approx(25.0)
   assert metrics["text_mask/true_fraction"] == pytest.approx(50.0)
   np.testing.assert_array_equal(predicted["image"], np.tile(true_patches, (n, 1)))
   # Scores that ignore the features (all equal) find nothing: precision and recall 0.
   flat = dict(outputs, image_tokens=np.ones_like(outputs["image_tokens"]))
-  metrics, _ = evaluator.mask_metrics(flat, truth)
+  metrics, _, _ = evaluator.mask_metrics(flat, truth)
   assert metrics["patch_mask/recall"] in (0.0, 100.0) and metrics["patch_mask/iou"] <= 25.0
+  assert metrics["patch_mask/auc"] == pytest.approx(50.0)  # all tied
+
+
+def test_auc_equals_the_pairwise_definition():
+  rng = np.random.default_rng(3)
+  positive = np.round(rng.normal(0.5, 1.0, 40), 1)  # rounding makes ties
+  negative = np.round(rng.normal(0.0, 1.0, 70), 1)
+  pairs = [1.0 if p > q else 0.5 if p == q else 0.0 for p in positive for q in negative]
+  assert evaluator.auc(positive, negative) == pytest.approx(np.mean(pairs))
+  assert evaluator.auc(positive + 10, negative) == 1.0 and np.isnan(evaluator.auc([], negative))
 
 
 # --------------------------------------------------------------------------------------------------

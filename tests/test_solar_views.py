@@ -132,3 +132,119 @@ def test_stage2_views_modes(mode):
     assert not (text_changed & image_changed).all()
   with pytest.raises(ValueError, match="view mode"):
     views.masked_modalities(methods.example_keys(jax.random.key(0), 2), "none")
+
+
+def test_fact_negatives_drop_one_run_or_one_unit():
+  """'run': one whole maximal run of consecutive difference units (a phrase), chosen per sample;
+  'one': exactly one difference unit (a segment). Intersection and padding are never dropped."""
+  valid = np.ones((64, 10), bool)
+  valid[:, 9] = False
+  intersection = np.zeros((64, 10), bool)
+  intersection[:, [0, 3, 4, 8]] = True  # difference runs: {1, 2}, {5, 6, 7}
+  intersection[63] = True  # no difference unit: no negative
+  keys = methods.example_keys(jax.random.key(2), 64)
+  run = views.masked_views(keys, intersection, valid, negative_grouping="run")
+  dropped = valid & ~np.asarray(run["negative_keep"])
+  runs = {(1, 2), (5, 6, 7)}
+  for row in dropped[:63]:
+    assert tuple(np.flatnonzero(row)) in runs
+  assert {tuple(np.flatnonzero(row)) for row in dropped[:63]} == runs  # both runs get chosen
+  assert not dropped[63].any()
+  np.testing.assert_array_equal(run["has_negative"], np.arange(64) < 63)
+  one = views.masked_views(keys, intersection, valid, negative_grouping="one")
+  dropped = valid & ~np.asarray(one["negative_keep"])
+  assert (dropped[:63].sum(-1) == 1).all() and not (dropped & intersection).any()
+  assert set(np.flatnonzero(dropped[:63].any(0))) == {1, 2, 5, 6, 7}
+  # The positive views do not depend on the negative's grouping.
+  ratio = views.masked_views(keys, intersection, valid)
+  np.testing.assert_array_equal(run["positive_keep"], ratio["positive_keep"])
+  with pytest.raises(ValueError, match="grouping"):
+    views.masked_views(keys, intersection, valid, negative_grouping="phrase")
+
+
+def test_stage2_views_fact_negatives_per_modality():
+  """text_negative='fact' drops one phrase of the caption; image_negative='fact' one segment."""
+  n = 8
+  keys = methods.example_keys(jax.random.key(4), n)
+  text_mask = np.ones((n, 8), bool)
+  text_intersection = np.zeros((n, 8), bool)
+  text_intersection[:, [0, 1, 4]] = True  # difference runs {2, 3} and {5, 6, 7}
+  segment_ids = np.repeat(np.arange(4), 4)[None].repeat(n, 0)  # 4 segments of 4 patches
+  patch_scores = np.where(segment_ids == 0, 1.0, -1.0).astype(np.float32)  # segment 0 shared
+  built = views.stage2_views(
+      keys,
+      text_intersection,
+      text_mask,
+      patch_scores,
+      0.0,
+      segment_ids,
+      4,
+      mode="both",
+      text_negative="fact",
+      image_negative="fact",
+  )
+  text_dropped = text_mask & ~np.asarray(built["text_negative_keep"])
+  for row in text_dropped:
+    assert tuple(np.flatnonzero(row)) in {(2, 3), (5, 6, 7)}
+  image_dropped = ~np.asarray(built["image_negative_keep"])
+  for row, ids in zip(image_dropped, segment_ids):
+    dropped_segments = set(ids[row])
+    assert len(dropped_segments) == 1 and 0 not in dropped_segments
+    assert row.sum() == 4
+  ratio = views.stage2_views(
+      keys, text_intersection, text_mask, patch_scores, 0.0, segment_ids, 4, mode="both"
+  )
+  assert (~np.asarray(ratio["image_negative_keep"])).sum(-1).tolist() == [12] * n  # all 3 dropped
+  with pytest.raises(ValueError, match="text_negative"):
+    views.stage2_views(
+        keys, text_intersection, text_mask, patch_scores, 0.0, segment_ids, 4, text_negative="x"
+    )
+
+
+def _ward_reference(points, adjacency, num_segments):
+  """Grid-constrained Ward clustering written from its definition (float64, plain loops)."""
+  clusters = [[p] for p in range(len(points))]
+  while len(clusters) > num_segments:
+    best = None
+    for i in range(len(clusters)):
+      for j in range(i + 1, len(clusters)):
+        if not any(adjacency[a, b] for a in clusters[i] for b in clusters[j]):
+          continue
+        a, b = points[clusters[i]], points[clusters[j]]
+        cost = len(a) * len(b) / (len(a) + len(b)) * np.sum((a.mean(0) - b.mean(0)) ** 2)
+        if best is None or cost < best[0] - 1e-9:
+          best = (cost, i, j)
+    _, i, j = best
+    clusters[i] = clusters[i] + clusters.pop(j)
+  labels = np.zeros(len(points), int)
+  for k, members in enumerate(sorted(clusters, key=min)):
+    labels[members] = k
+  return labels
+
+
+def test_agglomerative_segments_match_a_ward_reference():
+  rng = np.random.default_rng(8)
+  height, width, d = 4, 4, 6
+  features = rng.normal(size=(3, height * width, d)).astype(np.float32)
+  features[:, :8] += 3.0 * rng.normal(size=(1, 1, d)).astype(np.float32)  # top half alike
+  ids = np.asarray(
+      segments.patch_segments(
+          features, (height, width), 4, method="agglomerative", position_weight=0.5
+      )
+  )
+  rows, cols = np.divmod(np.arange(height * width), width)
+  position = np.stack([rows / (height - 1), cols / (width - 1)], -1)
+  adjacency = (np.abs(rows[:, None] - rows) + np.abs(cols[:, None] - cols)) == 1
+  for sample, got in zip(features, ids):
+    unit = sample / np.linalg.norm(sample, axis=-1, keepdims=True)
+    points = np.concatenate([unit, 0.5 * position], -1).astype(np.float64)
+    np.testing.assert_array_equal(got, _ward_reference(points, adjacency, 4))
+    assert sorted(set(got)) == [0, 1, 2, 3]
+    for k in range(4):  # every segment is connected on the grid
+      members = set(np.flatnonzero(got == k))
+      reached, frontier = set(), [min(members)]
+      while frontier:
+        p = frontier.pop()
+        reached.add(p)
+        frontier += [q for q in np.flatnonzero(adjacency[p]) if q in members and q not in reached]
+      assert reached == members

@@ -131,7 +131,9 @@ DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 
 # Integer stream ids, so that every split draws from its own random stream.
-_TRAIN, _MM2MM, _UNIVERSAL, _CAPTION5 = 1, 2, 3, 4
+_TRAIN, _MM2MM, _UNIVERSAL, _CAPTION5, _MM2MM_VAL = 1, 2, 3, 4, 5
+# The MM2MM sets: the reported one and one held out for choosing settings.
+MM2MM_STREAMS = {"mm2mm": _MM2MM, "mm2mm_val": _MM2MM_VAL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -714,10 +716,14 @@ def _finish_pool(
   return records, ids
 
 
-def mm2mm(spec: WorldSpec, seed: int, num_triplets: int, num_distractors: int) -> RetrievalSet:
+def mm2mm(
+    spec: WorldSpec, seed: int, num_triplets: int, num_distractors: int, *, name: str = "mm2mm"
+) -> RetrievalSet:
   """MM2MM triplets (anchor query, positive, hard negative) in a distractor pool.
 
-  Every record is an image+text pair in pool 'mm2mm' (task 'mm2mm'). The anchor has at
+  ``name`` 'mm2mm' is the reported set, 'mm2mm_val' the held-out one (its own random stream, so
+  its triplets and pool differ) on which settings are chosen. Every record is an image+text pair in
+  pool ``name`` (task 'mm2mm'). The anchor has at
   least one intersection object, one image-only object and one text-only fact. The
   positive carries the same facts, re-rendered (new jitter, colours, background,
   garment instances) and re-phrased, with one object moved between modalities
@@ -726,7 +732,9 @@ def mm2mm(spec: WorldSpec, seed: int, num_triplets: int, num_distractors: int) -
   cycles through NEGATIVE_KINDS (balanced thirds). No candidate other than the
   positive carries an anchor's facts; anchors are not candidates.
   """
-  rng = np.random.default_rng(_child_seed(seed, _MM2MM))
+  if name not in MM2MM_STREAMS:
+    raise ValueError(f"unknown MM2MM set {name!r}; expected one of {sorted(MM2MM_STREAMS)}")
+  rng = np.random.default_rng(_child_seed(seed, MM2MM_STREAMS[name]))
   maker = _RecordMaker(spec, rng)
   anchor_facts, entries, queries, contents, targets = set(), [], [], {}, {}
   plans = []
@@ -743,19 +751,19 @@ def mm2mm(spec: WorldSpec, seed: int, num_triplets: int, num_distractors: int) -
     while negative.facts() in anchor_facts:
       negative = change_one_fact(anchor, kind, rng, spec)
     anchor_seeds = maker.seeds()
-    query_id = f"mm2mm-q{index:05d}"
-    query = maker.record(query_id, anchor, "image,text", "mm2mm", anchor_seeds)
+    query_id = f"{name}-q{index:05d}"
+    query = maker.record(query_id, anchor, "image,text", name, anchor_seeds)
     contents[query_id], targets[query_id] = anchor, anchor.facts()
-    positive_entry = (positive, maker.record("", positive, "image,text", "mm2mm"))
-    negative_entry = (negative, maker.record("", negative, "image,text", "mm2mm", anchor_seeds))
+    positive_entry = (positive, maker.record("", positive, "image,text", name))
+    negative_entry = (negative, maker.record("", negative, "image,text", name, anchor_seeds))
     queries.append((query, kind, len(entries), len(entries) + 1))
     entries += [positive_entry, negative_entry]
   for _ in range(num_distractors):
     content = sample_content(rng, spec)
     while content.facts() in anchor_facts:
       content = sample_content(rng, spec)
-    entries.append((content, maker.record("", content, "image,text", "mm2mm")))
-  candidates, ids = _finish_pool(rng, "mm2mm", entries, contents)
+    entries.append((content, maker.record("", content, "image,text", name)))
+  candidates, ids = _finish_pool(rng, name, entries, contents)
   query_records = [
       _query(query, task="mm2mm", positive_ids=[ids[pos]], negative_id=ids[neg], negative_kind=kind)
       for query, kind, pos, neg in queries

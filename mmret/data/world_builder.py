@@ -10,6 +10,8 @@ Splits and their record schemas (the shared contracts):
   ``universal_candidates`` (RETRIEVAL): candidates ``id``, ``image``, ``text``,
   ``modality``, ``pool``; queries add ``task``, ``instruction``, ``positive_ids``,
   ``candidate_ids``, ``negative_id``, ``negative_kind``.
+- ``mm2mm_val_queries`` / ``mm2mm_val_candidates``: a second MM2MM set from its own random stream,
+  held out from ``mm2mm`` for choosing settings (pool 'mm2mm_val').
 - ``caption5`` (CAPTION5): ``id``, ``image``, ``captions`` (5 distinct strings).
 
 tfds gives one feature set to all splits, so every record holds the union of fields
@@ -47,6 +49,8 @@ SPLIT_FIELDS = {
     "train": PAIRS_FIELDS,
     "mm2mm_queries": QUERY_FIELDS,
     "mm2mm_candidates": CANDIDATE_FIELDS,
+    "mm2mm_val_queries": QUERY_FIELDS,
+    "mm2mm_val_candidates": CANDIDATE_FIELDS,
     "universal_queries": QUERY_FIELDS,
     "universal_candidates": CANDIDATE_FIELDS,
     "caption5": CAPTION5_FIELDS,
@@ -198,8 +202,11 @@ def _empty_record() -> dict:
 class MmretWorld(tfds.core.GeneratorBasedBuilder):
   """Generated image-text data with known intersection / image-only / text-only facts."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "A held-out MM2MM set (mm2mm_val_*) for choosing settings.",
+  }
   BUILDER_CONFIGS = _configs()
 
   def __init__(self, *, file_format: str = "array_record", **kwargs):
@@ -224,7 +231,16 @@ class MmretWorld(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # everything is generated
     config = self.builder_config
     spec = config.spec()
-    mm2mm = world.mm2mm(spec, config.seed, config.num_mm2mm_triplets, config.num_mm2mm_distractors)
+    mm2mm, mm2mm_val = (
+        world.mm2mm(
+            spec,
+            config.seed,
+            config.num_mm2mm_triplets,
+            config.num_mm2mm_distractors,
+            name=name,
+        )
+        for name in ("mm2mm", "mm2mm_val")
+    )
     universal = world.universal(
         spec, config.seed, config.universal_queries_per_task, config.universal_distractors_per_task
     )
@@ -232,6 +248,8 @@ class MmretWorld(tfds.core.GeneratorBasedBuilder):
         "train": self._generate_examples(world.pairs(spec, config.seed, config.num_train)),
         "mm2mm_queries": self._generate_examples(mm2mm.queries),
         "mm2mm_candidates": self._generate_examples(mm2mm.candidates),
+        "mm2mm_val_queries": self._generate_examples(mm2mm_val.queries),
+        "mm2mm_val_candidates": self._generate_examples(mm2mm_val.candidates),
         "universal_queries": self._generate_examples(universal.queries),
         "universal_candidates": self._generate_examples(universal.candidates),
         "caption5": self._generate_examples(world.caption5(spec, config.seed, config.num_caption5)),

@@ -22,7 +22,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mmret.data import pipeline, preprocess
 from mmret.evals import embed
@@ -33,6 +33,10 @@ OVERLAY_SCALE = 4  # pixels per image pixel in the overlay PNG
 TRUE_COLOUR = (0, 200, 0)
 PREDICTED_COLOUR = (230, 0, 0)
 PASS_OUTPUTS = ("image_tokens", "text_tokens", "text_mask", "z_image", "z_text")
+# Kinds of units, indexed by the ground-truth tag: text tokens (caption_tags) and patches.
+TEXT_KINDS = ("template", "intersection", "text_only")
+PATCH_KINDS = ("background", "intersection", "image_only")
+KIND_COLOURS = ((150, 150, 150), (0, 170, 0), (210, 60, 0))
 
 
 def _text(value) -> str:
@@ -152,12 +156,80 @@ def write_files(workdir, truth, image_mask, text_mask, true_patches, grid, num_o
       )
 
 
-def mask_metrics(outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6):
+def patch_kinds(image_labels, grid, min_fraction=0.25) -> np.ndarray:
+  """Per patch: 1 intersection (>= ``min_fraction`` intersection pixels), else 2 image-only
+  (>= ``min_fraction`` image-only pixels), else 0 background. [B,H,W] -> int [B,P]."""
+  labels = jnp.asarray(image_labels)
+  inter = masks_lib.patch_fractions(labels, grid, masks_lib.INTERSECTION_LABEL) >= min_fraction
+  only = masks_lib.patch_fractions(labels, grid, masks_lib.DIFFERENCE_LABEL) >= min_fraction
+  return np.where(np.asarray(inter), 1, np.where(np.asarray(only), 2, 0))
+
+
+def auc(positive, negative) -> float:
+  """P(a positive scores above a negative), ties counting one half (Mann-Whitney); nan if empty."""
+  positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+  if positive.size == 0 or negative.size == 0:
+    return float("nan")
+  values = np.concatenate([positive, negative])
+  _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+  ends = np.cumsum(counts)
+  ranks = (0.5 * (ends - counts + 1 + ends))[inverse]  # average rank over ties
+  rank_sum = ranks[: positive.size].sum()
+  return float(
+      (rank_sum - positive.size * (positive.size + 1) / 2) / (positive.size * negative.size)
+  )
+
+
+def scores_by_kind(scores, kinds, valid, names) -> dict:
+  """{kind name: the valid units' scores of that kind} (1-D float arrays)."""
+  return {name: scores[valid & (kinds == i)] for i, name in enumerate(names)}
+
+
+def draw_score_histograms(panels, *, bins=30, width=360, height=180) -> np.ndarray:
+  """One uint8 picture: per panel (title, {kind: scores}, threshold) a histogram per kind (each
+  normalised to its own count, drawn as a line), the threshold as a dashed vertical line, a legend.
+  """
+  margin, gap = 28, 10
+  picture = Image.new("RGB", (width, len(panels) * (height + gap) + gap), "white")
+  draw = ImageDraw.Draw(picture)
+  for row, (title, groups, threshold) in enumerate(panels):
+    top = gap + row * (height + gap)
+    values = np.concatenate([v for v in groups.values() if v.size] + [np.asarray([threshold])])
+    low, high = float(values.min()), float(values.max())
+    high = high if high > low else low + 1.0
+    edges = np.linspace(low, high, bins + 1)
+    x_of = lambda v: margin + (v - low) / (high - low) * (width - 2 * margin)
+    box = (margin, top + margin // 2, width - margin, top + height - margin)
+    draw.rectangle(box, outline=(0, 0, 0))
+    densities = {k: np.histogram(v, edges)[0] / max(v.size, 1) for k, v in groups.items()}
+    peak = max([d.max() for d in densities.values()] + [1e-9])
+    for colour, (kind, density) in zip(KIND_COLOURS, densities.items()):
+      centres = x_of(0.5 * (edges[:-1] + edges[1:]))
+      ys = box[3] - density / peak * (box[3] - box[1] - 4)
+      draw.line(list(zip(centres.tolist(), ys.tolist())), fill=colour, width=2)
+    x = x_of(threshold)
+    for y in range(box[1], box[3], 6):
+      draw.line([(x, y), (x, min(y + 3, box[3]))], fill=(0, 0, 200))
+    draw.text((margin, top), f"{title}  (threshold {threshold:.3f})", fill=(0, 0, 0))
+    draw.text((margin, box[3] + 2), f"{low:.2f}", fill=(0, 0, 0))
+    draw.text((width - margin - 24, box[3] + 2), f"{high:.2f}", fill=(0, 0, 0))
+    for i, (colour, kind) in enumerate(zip(KIND_COLOURS, groups)):
+      label = f"{kind} (n={groups[kind].size})"
+      draw.text((box[2] - 120, box[1] + 4 + 11 * i), label, fill=colour)
+  return np.asarray(picture)
+
+
+def mask_metrics(
+    outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6, threshold="pairs"
+):
   """Masks fitted on the evaluated pairs (``masks.fit_masks``) against the ground truth.
 
   ``outputs``: ``image_tokens`` [N,P,d], ``text_tokens`` [N,L,d], ``z_image``, ``z_text`` [N,d];
   ``truth``: ``text_mask`` and ``text_intersection`` (token tags) [N,L], ``image_labels`` [N,H,W].
-  Returns (metrics in percent, {'image', 'text', 'true_patches'} bool masks).
+  Besides the masks' quality, the scores themselves: their mean per kind of unit
+  (``{text,patch}_scores/<kind>``) and the AUC of intersection units against all other units
+  (``{text,patch}_mask/auc``: how well any threshold could separate them).
+  Returns (metrics in percent, {'image', 'text', 'true_patches'} bool masks, score panels).
   """
   text_mask = np.asarray(truth["text_mask"], bool)
   fitted = jax.device_get(
@@ -168,17 +240,18 @@ def mask_metrics(outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6
           jnp.asarray(outputs["z_image"]),
           jnp.asarray(outputs["z_text"]),
           min_variance=min_variance,
+          threshold=threshold,
       )
   )
   image_mask = np.asarray(fitted["image_intersection_mask"])
   text_mask_hat = np.asarray(fitted["text_intersection_mask"])
   grid = masks_lib.patch_grid(np.shape(outputs["image_tokens"])[1])
-  true_patches = np.asarray(
-      masks_lib.patch_labels(
-          jnp.asarray(truth["image_labels"]), grid, min_fraction=patch_label_fraction
-      )
-  )
-  true_tokens = np.asarray(truth["text_intersection"]) == masks_lib.INTERSECTION_LABEL
+  kinds = {
+      "patch": patch_kinds(truth["image_labels"], grid, patch_label_fraction),
+      "text": np.asarray(truth["text_intersection"]),
+  }
+  true_patches = kinds["patch"] == masks_lib.INTERSECTION_LABEL
+  true_tokens = kinds["text"] == masks_lib.INTERSECTION_LABEL
   metrics = {
       "image_threshold": float(fitted["image_threshold"]),
       "text_threshold": float(fitted["text_threshold"]),
@@ -187,6 +260,7 @@ def mask_metrics(outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6
       "text_mask/predicted_fraction": 100.0 * text_mask_hat[text_mask].mean(),
       "text_mask/true_fraction": 100.0 * true_tokens[text_mask].mean(),
   }
+  panels = []
   for name, predicted, true, valid in (
       ("patch_mask", image_mask, true_patches, None),
       ("text_mask", text_mask_hat, true_tokens, text_mask),
@@ -195,7 +269,22 @@ def mask_metrics(outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6
         jnp.asarray(predicted), jnp.asarray(true), None if valid is None else jnp.asarray(valid)
     )
     metrics.update({f"{name}/{k}": 100.0 * float(v) for k, v in quality.items()})
-  return metrics, {"image": image_mask, "text": text_mask_hat, "true_patches": true_patches}
+    unit = name.split("_")[0]
+    scores = np.asarray(fitted["image_scores" if unit == "patch" else "text_scores"])
+    valid = np.ones(scores.shape, bool) if valid is None else valid
+    groups = scores_by_kind(
+        scores, kinds[unit], valid, PATCH_KINDS if unit == "patch" else TEXT_KINDS
+    )
+    metrics.update({f"{unit}_scores/{k}": float(v.mean()) for k, v in groups.items() if v.size})
+    metrics[f"{name}/auc"] = 100.0 * auc(scores[valid & true], scores[valid & ~true])
+    which = "image_threshold" if unit == "patch" else "text_threshold"
+    title = (
+        "patch scores (vs caption global)"
+        if unit == "patch"
+        else "text token scores (vs image global)"
+    )
+    panels.append((title, groups, float(fitted[which])))
+  return metrics, {"image": image_mask, "text": text_mask_hat, "true_patches": true_patches}, panels
 
 
 def evaluate_solar_masks(
@@ -210,6 +299,7 @@ def evaluate_solar_masks(
     num_overlays: int = 8,
     patch_label_fraction: float = 0.25,
     min_variance: float = 1e-6,
+    threshold: str = "pairs",
     batches_fn=None,
     mesh=None,
 ) -> dict:
@@ -234,8 +324,12 @@ def evaluate_solar_masks(
         "solar_masks: the embedding pass tokenised the captions differently from "
         "the word-tag tokenisation; the tokenizer must split text on whitespace"
     )
-  metrics, predicted = mask_metrics(
-      outputs, truth, patch_label_fraction=patch_label_fraction, min_variance=min_variance
+  metrics, predicted, panels = mask_metrics(
+      outputs,
+      truth,
+      patch_label_fraction=patch_label_fraction,
+      min_variance=min_variance,
+      threshold=threshold,
   )
   if workdir is not None and jax.process_index() == 0:
     write_files(
@@ -248,6 +342,7 @@ def evaluate_solar_masks(
         num_overlays,
         input_cfg,
     )
+    Image.fromarray(draw_score_histograms(panels)).save(os.path.join(workdir, "scores.png"))
   return metrics
 
 

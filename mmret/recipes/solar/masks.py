@@ -5,6 +5,7 @@ Token features are L2-normalised before any similarity, so scores are cosines. :
 is the one place masks are fitted: both training stages and the mask evaluator call it.
 """
 
+import functools
 import math
 
 import jax
@@ -14,27 +15,36 @@ from mmret.losses.common import gather, local_labels
 from mmret.ops import l2_normalize
 
 INTERSECTION_LABEL = 1  # value of intersection tokens / object pixels in the ground truth
+DIFFERENCE_LABEL = 2  # text-only fact words / image-only object pixels
 
 # --------------------------------------------------------------------------------------------------
 # Threshold: where the Gaussian densities of positive-pair and negative-pair scores cross
 # --------------------------------------------------------------------------------------------------
 
 
-def gaussian_crossing(mean_a, var_a, mean_b, var_b, *, equal_variance_rtol=1e-6):
-  """Where the densities N(mean_a, var_a) and N(mean_b, var_b) are equal.
+def gaussian_crossing(
+    mean_a, var_a, mean_b, var_b, *, weight_a=1.0, weight_b=1.0, equal_variance_rtol=1e-6
+):
+  """Where the (weighted) densities w_a N(mean_a, var_a) and w_b N(mean_b, var_b) are equal.
 
   Equating the log-densities gives a x^2 + b x + c = 0 with a = 1/var_a - 1/var_b,
-  b = -2 (mean_a/var_a - mean_b/var_b), c = mean_a^2/var_a - mean_b^2/var_b + log(var_a/var_b).
+  b = -2 (mean_a/var_a - mean_b/var_b), c = mean_a^2/var_a - mean_b^2/var_b + log(var_a/var_b)
+  - 2 log(w_a/w_b) (equal weights by default: the paper's density crossing).
   With (relatively) equal variances the root is linear, -c/b = the midpoint of the means; otherwise
   the root between the two means is returned (when neither root lies between them, e.g. for equal
   means, the root nearest to their midpoint). Identical Gaussians give their mean.
   """
-  mean_a, var_a, mean_b, var_b = (
-      jnp.asarray(x, jnp.float32) for x in (mean_a, var_a, mean_b, var_b)
+  mean_a, var_a, mean_b, var_b, weight_a, weight_b = (
+      jnp.asarray(x, jnp.float32) for x in (mean_a, var_a, mean_b, var_b, weight_a, weight_b)
   )
   qa = 1.0 / var_a - 1.0 / var_b
   qb = -2.0 * (mean_a / var_a - mean_b / var_b)
-  qc = mean_a**2 / var_a - mean_b**2 / var_b + jnp.log(var_a / var_b)
+  qc = (
+      mean_a**2 / var_a
+      - mean_b**2 / var_b
+      + jnp.log(var_a / var_b)
+      - 2.0 * jnp.log(weight_a / weight_b)
+  )
   midpoint = 0.5 * (mean_a + mean_b)
   linear = jnp.abs(qa) <= equal_variance_rtol * (1.0 / var_a + 1.0 / var_b)
   linear_root = jnp.where(qb == 0, midpoint, -qc / jnp.where(qb == 0, 1.0, qb))
@@ -81,6 +91,69 @@ def fit_threshold(
   return gaussian_crossing(pos_mean, pos_var, neg_mean, neg_var)
 
 
+THRESHOLDS = ("pairs", "mixture")
+
+
+def fit_mixture_threshold(
+    positive_scores,
+    negative_scores,
+    positive_mask=None,
+    negative_mask=None,
+    *,
+    axis_name=None,
+    min_variance=1e-6,
+    iterations=30,
+):
+  """Threshold between the intersection and the difference units *inside* positive pairs.
+
+  A positive pair's units are a mixture: intersection units (their partner carries their meaning)
+  and difference units, which should relate to their own partner little more than to another
+  sample's. EM fits two Gaussians and a weight pi to the positive-pair scores, starting the
+  difference component at the negative-pair scores' Gaussian and the intersection component at the
+  positive scores above their mean; the threshold is where pi N_1 = (1 - pi) N_0 (posterior 1/2,
+  :func:`gaussian_crossing` with weights). Both components stay free, so difference units that
+  lean towards their own partner (contextual features) do not pull the threshold below them. Runs
+  ``iterations`` EM steps; sums over all devices.
+  Returns (threshold, {'mean', 'variance', 'weight'} of the intersection component).
+  """
+  x = jax.lax.stop_gradient(positive_scores.astype(jnp.float32))
+  negative_scores = jax.lax.stop_gradient(negative_scores.astype(jnp.float32))
+  mean_0, var_0 = _masked_moments(negative_scores, negative_mask, axis_name, min_variance)
+  mask = (
+      jnp.ones(x.shape, bool) if positive_mask is None else jnp.broadcast_to(positive_mask, x.shape)
+  )
+  mask = mask.astype(jnp.float32)
+  total = lambda v: v if axis_name is None else jax.lax.psum(v, axis_name)
+  count = jnp.maximum(total(jnp.sum(mask)), 1.0)
+  pos_mean, _ = _masked_moments(x, positive_mask, axis_name, min_variance)
+  upper = mask * (x > pos_mean)
+
+  def m_step(r):
+    weight = total(jnp.sum(r))
+    mean = total(jnp.sum(r * x)) / jnp.maximum(weight, 1e-12)
+    var = total(jnp.sum(r * (x - mean) ** 2)) / jnp.maximum(weight, 1e-12)
+    return mean, jnp.maximum(var, min_variance), weight
+
+  def log_normal(v, mean, var):
+    return -0.5 * (jnp.log(2.0 * jnp.pi * var) + (v - mean) ** 2 / var)
+
+  def em_step(_, params):
+    (mean_1, var_1, pi), (mean_0, var_0) = params
+    log_1 = jnp.log(pi) + log_normal(x, mean_1, var_1)
+    log_0 = jnp.log1p(-pi) + log_normal(x, mean_0, var_0)
+    r = mask * jax.nn.sigmoid(log_1 - log_0)
+    mean_1, var_1, weight = m_step(r)
+    pi = jnp.clip(weight / count, 1e-6, 1.0 - 1e-6)
+    mean_0, var_0, _ = m_step(mask - r)
+    return (mean_1, var_1, pi), (mean_0, var_0)
+
+  mean_1, var_1, weight = m_step(upper)
+  start = ((mean_1, var_1, jnp.clip(weight / count, 1e-6, 1.0 - 1e-6)), (mean_0, var_0))
+  (mean_1, var_1, pi), (mean_0, var_0) = jax.lax.fori_loop(0, iterations, em_step, start)
+  threshold = gaussian_crossing(mean_1, var_1, mean_0, var_0, weight_a=pi, weight_b=1.0 - pi)
+  return threshold, {"mean": mean_1, "variance": var_1, "weight": pi}
+
+
 def token_scores(tokens, partner_global):
   """s[b,t] = cos(token t of sample b, partner global of sample b): [B,T,d], [B,d] -> [B,T]."""
   return jnp.einsum("btd,bd->bt", l2_normalize(tokens), l2_normalize(partner_global))
@@ -101,11 +174,27 @@ def token_score_samples(tokens, token_mask, partner_global, *, axis_name=None):
 
 
 def intersection_threshold(
-    tokens, token_mask, partner_global, *, axis_name=None, min_variance=1e-6
+    tokens, token_mask, partner_global, *, axis_name=None, min_variance=1e-6, threshold="pairs"
 ):
-  """Density-crossing threshold of one modality's token scores (own partner vs in-batch others)."""
+  """Threshold of one modality's token scores (own partner vs in-batch others).
+
+  ``threshold``: 'pairs' (the paper's: the density crossing of one Gaussian fitted to the
+  positive-pair scores and one to the negative-pair scores, :func:`fit_threshold`) or 'mixture'
+  (the intersection component inside the positive pairs, :func:`fit_mixture_threshold`).
+  """
+  if threshold not in THRESHOLDS:
+    raise ValueError(f"unknown threshold estimator {threshold!r}; expected one of {THRESHOLDS}")
   samples = token_score_samples(tokens, token_mask, partner_global, axis_name=axis_name)
   positive, positive_mask, negative, negative_mask = samples
+  if threshold == "mixture":
+    return fit_mixture_threshold(
+        positive,
+        negative,
+        positive_mask,
+        negative_mask,
+        axis_name=axis_name,
+        min_variance=min_variance,
+    )[0]
   return fit_threshold(
       positive,
       negative,
@@ -117,13 +206,23 @@ def intersection_threshold(
 
 
 def fit_masks(
-    image_tokens, text_tokens, text_mask, z_image, z_text, *, axis_name=None, min_variance=1e-6
+    image_tokens,
+    text_tokens,
+    text_mask,
+    z_image,
+    z_text,
+    *,
+    axis_name=None,
+    min_variance=1e-6,
+    threshold="pairs",
 ):
   """The intersection masks of a batch of pairs (no gradient through any output).
 
   Token scores are cosines to the partner's unimodal global (patches vs z_text, words vs z_image);
   each modality's threshold is the density crossing of its positive-pair and in-batch-negative
-  scores over all devices. Returns ``image_scores`` [B,P], ``text_scores`` [B,L], the scalar
+  scores over all devices (``threshold`` 'pairs', the paper's), or the crossing of the intersection
+  and difference components inside the positive pairs ('mixture', :func:`fit_mixture_threshold`).
+  Returns ``image_scores`` [B,P], ``text_scores`` [B,L], the scalar
   ``image_threshold`` / ``text_threshold`` and the bool masks ``image_intersection_mask`` [B,P]
   and ``text_intersection_mask`` [B,L] (scores above the threshold; text padding excluded).
   """
@@ -131,12 +230,11 @@ def fit_masks(
       (image_tokens, text_tokens, z_image, z_text)
   )
   patch_valid = jnp.ones(image_tokens.shape[:2], bool)
-  image_threshold = intersection_threshold(
-      image_tokens, patch_valid, z_text, axis_name=axis_name, min_variance=min_variance
+  fit = functools.partial(
+      intersection_threshold, axis_name=axis_name, min_variance=min_variance, threshold=threshold
   )
-  text_threshold = intersection_threshold(
-      text_tokens, text_mask, z_image, axis_name=axis_name, min_variance=min_variance
-  )
+  image_threshold = fit(image_tokens, patch_valid, z_text)
+  text_threshold = fit(text_tokens, text_mask, z_image)
   image_scores = token_scores(image_tokens, z_text)
   text_scores = token_scores(text_tokens, z_image)
   return {
@@ -218,6 +316,19 @@ def patch_grid(num_patches: int) -> tuple[int, int]:
   return side, side
 
 
+def patch_fractions(image_labels, grid_shape, label=INTERSECTION_LABEL):
+  """Fraction of each patch's pixels with pixel label ``label``: [B,H,W] -> [B,P] float32."""
+  batch, height, width = image_labels.shape
+  rows, cols = grid_shape
+  if height % rows or width % cols:
+    raise ValueError(
+        f"image_labels of size {height}x{width} do not split into a {rows}x{cols} " "patch grid"
+    )
+  pixels = (image_labels == label).astype(jnp.float32)
+  pixels = pixels.reshape(batch, rows, height // rows, cols, width // cols)
+  return pixels.mean(axis=(2, 4)).reshape(batch, rows * cols)
+
+
 def patch_labels(image_labels, grid_shape, *, min_fraction=0.25):
   """Per-patch intersection truth [B,P] from pixel labels [B,H,W].
 
@@ -225,16 +336,7 @@ def patch_labels(image_labels, grid_shape, *, min_fraction=0.25):
   intersection object (label 1). A plain majority (0.5) marks very few patches on the small
   embedded-world images, whose objects rarely cover half a patch.
   """
-  batch, height, width = image_labels.shape
-  rows, cols = grid_shape
-  if height % rows or width % cols:
-    raise ValueError(
-        f"image_labels of size {height}x{width} do not split into a {rows}x{cols} " "patch grid"
-    )
-  pixels = (image_labels == INTERSECTION_LABEL).astype(jnp.float32)
-  pixels = pixels.reshape(batch, rows, height // rows, cols, width // cols)
-  fraction = pixels.mean(axis=(2, 4)).reshape(batch, rows * cols)
-  return fraction >= min_fraction
+  return patch_fractions(image_labels, grid_shape) >= min_fraction
 
 
 def mask_quality(predicted, truth, valid=None, *, axis_name=None):

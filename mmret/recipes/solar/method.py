@@ -108,7 +108,7 @@ def teacher_pass(model, params, teacher, batch):
   }
 
 
-def fit_intersection(tower_outputs, keys, *, mask_source, min_variance, axis_name):
+def fit_intersection(tower_outputs, keys, *, mask_source, min_variance, axis_name, threshold):
   """``masks.fit_masks`` on a tower pass (tokens and unimodal globals), or with ``mask_source``
   'random' the ablation's masks: random, of the same density per sample (``keys``: per example)."""
   intersection = masks_lib.fit_masks(
@@ -118,6 +118,7 @@ def fit_intersection(tower_outputs, keys, *, mask_source, min_variance, axis_nam
       ),
       axis_name=axis_name,
       min_variance=min_variance,
+      threshold=threshold,
   )
   if mask_source != "random":
     return intersection
@@ -165,11 +166,19 @@ def masked_itc_embeddings(image_tokens, text_tokens, text_mask, intersection, rh
 
 
 def make_stage1_forward(
-    model, *, anneal_steps=100, anneal_schedule="linear", mask_source="learned", min_variance=1e-6
+    model,
+    *,
+    anneal_steps=100,
+    anneal_schedule="linear",
+    mask_source="learned",
+    min_variance=1e-6,
+    threshold="pairs",
 ):
-  """Stage-1 forward; ``anneal_steps``/``anneal_schedule``: rho goes 1 -> 0 (``anneal_rho``)."""
+  """Stage-1 forward; ``anneal_steps``/``anneal_schedule``: rho goes 1 -> 0 (``anneal_rho``);
+  ``threshold``: the estimator of ``masks.fit_masks`` ('pairs' or 'mixture')."""
   _check_model(model)
   _check_choice("mask_source", mask_source, STAGE1_MASK_SOURCES)
+  _check_choice("threshold", threshold, masks_lib.THRESHOLDS)
   masks_lib.anneal_rho(0, anneal_steps, schedule=anneal_schedule)  # validates the schedule name
 
   def forward(params, frozen, batch, *, rng, step, axis_name=None):
@@ -178,7 +187,12 @@ def make_stage1_forward(
     outputs.update(teacher_pass(model, params, frozen, batch))
     text_mask = outputs["text_mask"]
     intersection = fit_intersection(
-        outputs, keys, mask_source=mask_source, min_variance=min_variance, axis_name=axis_name
+        outputs,
+        keys,
+        mask_source=mask_source,
+        min_variance=min_variance,
+        axis_name=axis_name,
+        threshold=threshold,
     )
     rho = masks_lib.anneal_rho(step, anneal_steps, schedule=anneal_schedule)
     encode_joint = joint_encoder(
@@ -281,6 +295,10 @@ def make_stage2_forward(
     view_mode="random",
     mask_ratio=0.3,
     negative_ratio=1.0,
+    text_negative="ratio",
+    image_negative="ratio",
+    threshold="pairs",
+    segment_method="kmeans",
     patch_label_fraction=0.25,
 ):
   """Stage-2 forward: trained tower pass, frozen mask-model pass, patch segments and views.
@@ -290,11 +308,18 @@ def make_stage2_forward(
   the intersection when its mean patch score exceeds the image threshold. ``view_mode``: which
   modality each sample masks ('both', 'text', 'image', 'random'); ``mask_ratio`` of the
   intersection units are dropped for the positive and ``negative_ratio`` of the difference units
-  for the hard negative (``views.masked_views``).
+  for the hard negative (``views.masked_views``), or with ``text_negative`` / ``image_negative``
+  'fact' one phrase / one segment of the difference (``views.stage2_views``). ``threshold``: the
+  estimator of ``masks.fit_masks``; ``segment_method``: 'kmeans' or 'agglomerative'
+  (``segments.patch_segments``).
   """
   _check_model(model)
   _check_choice("mask_source", mask_source, STAGE2_MASK_SOURCES)
   _check_choice("view_mode", view_mode, views_lib.VIEW_MODES)
+  _check_choice("threshold", threshold, masks_lib.THRESHOLDS)
+  _check_choice("text_negative", text_negative, views_lib.NEGATIVES)
+  _check_choice("image_negative", image_negative, views_lib.NEGATIVES)
+  _check_choice("segment_method", segment_method, segments.METHODS)
 
   def forward(params, frozen, batch, *, rng, step, axis_name=None):
     del step
@@ -303,7 +328,12 @@ def make_stage2_forward(
     mask_model = tower_pass(model, jax.lax.stop_gradient(frozen), batch, train=False)
     image_tokens, text_mask = mask_model["image_tokens"], batch["text_mask"]
     intersection = fit_intersection(
-        mask_model, keys, mask_source=mask_source, min_variance=min_variance, axis_name=axis_name
+        mask_model,
+        keys,
+        mask_source=mask_source,
+        min_variance=min_variance,
+        axis_name=axis_name,
+        threshold=threshold,
     )
     if mask_source == "oracle":
       intersection.update(
@@ -322,6 +352,7 @@ def make_stage2_forward(
         num_segments,
         iterations=segment_iterations,
         position_weight=segment_position_weight,
+        method=segment_method,
     )
     # The joint encoder's dropout keys for the stacked views: one stream per view.
     dropout_keys = methods.key_stream(keys, _VIEW_DROPOUT)
@@ -337,6 +368,8 @@ def make_stage2_forward(
         mode=view_mode,
         mask_ratio=mask_ratio,
         negative_ratio=negative_ratio,
+        text_negative=text_negative,
+        image_negative=image_negative,
     )
     encode_joint = joint_encoder(model, params, train=True, keys=stacked_keys)
     outputs = view_embeddings(

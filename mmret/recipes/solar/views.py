@@ -11,18 +11,44 @@ import jax.numpy as jnp
 
 from mmret.recipes.solar.segments import segment_scores
 
+NEGATIVE_GROUPINGS = ("ratio", "one", "run")
 
-def masked_views(keys, intersection, valid, *, mask_ratio=0.3, negative_ratio=1.0, protected=None):
+
+def _runs(units):
+  """Maximal runs of consecutive True entries: (run number per unit, 1-based, 0 off-run [B,U],
+  number of runs [B])."""
+  previous = jnp.pad(units[:, :-1], ((0, 0), (1, 0)))
+  starts = units & ~previous
+  return jnp.cumsum(starts, -1) * units, jnp.sum(starts, -1)
+
+
+def masked_views(
+    keys,
+    intersection,
+    valid,
+    *,
+    mask_ratio=0.3,
+    negative_ratio=1.0,
+    negative_grouping="ratio",
+    protected=None,
+):
   """Keep-masks of a positive and a hard-negative view over units (tokens or segments) [B,U].
 
   Positive: drops a random ``mask_ratio`` of the sample's intersection units (rounded, at least one,
-  always keeping one; none when it has fewer than two). Hard negative: drops a random
-  ``negative_ratio`` of its difference units (valid, not intersection; at least one when any exist).
-  ``protected`` units are never dropped. Per-sample randomness comes from ``keys`` [B].
+  always keeping one; none when it has fewer than two). Hard negative: drops difference units
+  (valid, not intersection), grouped by ``negative_grouping``: 'ratio' drops a random
+  ``negative_ratio`` of them (at least one when any exist; 1.0 drops all), 'one' a single random
+  one (e.g. one image segment: one object), 'run' one random maximal run of consecutive difference
+  units (e.g. a phrase of the caption: one fact). ``protected`` units are never dropped.
+  Per-sample randomness comes from ``keys`` [B].
 
   Returns dict with ``positive_keep``, ``negative_keep`` [B,U] bool and ``has_positive``,
   ``has_negative`` [B] (whether the view differs from the original).
   """
+  if negative_grouping not in NEGATIVE_GROUPINGS:
+    raise ValueError(
+        f"unknown negative grouping {negative_grouping!r}; expected one of {NEGATIVE_GROUPINGS}"
+    )
   intersection = intersection & valid
   droppable = valid if protected is None else valid & ~protected
   key_pos, key_neg = (jax.vmap(lambda k: jax.random.fold_in(k, i))(keys) for i in (0, 1))
@@ -38,27 +64,48 @@ def masked_views(keys, intersection, valid, *, mask_ratio=0.3, negative_ratio=1.
   n_pos = jnp.where(n_shared >= 2, jnp.clip(jnp.round(mask_ratio * n_shared), 1, n_shared - 1), 0)
   difference = valid & ~intersection & droppable
   n_difference = jnp.sum(difference, -1)
-  n_neg = jnp.where(
-      n_difference >= 1, jnp.clip(jnp.round(negative_ratio * n_difference), 1, n_difference), 0
-  )
+  if negative_grouping == "run":
+    run, n_runs = _runs(difference)
+    pick = jax.vmap(lambda k, n: jax.random.randint(k, (), 1, jnp.maximum(n, 1) + 1))(
+        key_neg, n_runs
+    )
+    drop_neg = (run == pick[:, None]) & difference
+  else:
+    ratio = negative_ratio if negative_grouping == "ratio" else 0.0
+    n_neg = jnp.where(
+        n_difference >= 1, jnp.clip(jnp.round(ratio * n_difference), 1, n_difference), 0
+    )
+    drop_neg = drop_random(key_neg, difference, n_neg.astype(jnp.int32))
   drop_pos = drop_random(key_pos, shared, n_pos.astype(jnp.int32))
-  drop_neg = drop_random(key_neg, difference, n_neg.astype(jnp.int32))
   return {
       "positive_keep": valid & ~drop_pos,
       "negative_keep": valid & ~drop_neg,
       "has_positive": n_pos > 0,
-      "has_negative": n_neg > 0,
+      "has_negative": jnp.any(drop_neg, -1),
   }
 
 
 def image_views(
-    keys, patch_scores, segment_ids, num_segments, threshold, *, mask_ratio=0.3, negative_ratio=1.0
+    keys,
+    patch_scores,
+    segment_ids,
+    num_segments,
+    threshold,
+    *,
+    mask_ratio=0.3,
+    negative_ratio=1.0,
+    negative_grouping="ratio",
 ):
   """Patch keep-masks of the image views: segments whose mean score exceeds ``threshold`` are the
   intersection; :func:`masked_views` picks segments to drop and every patch follows its segment."""
   scores, non_empty = segment_scores(patch_scores, segment_ids, num_segments)
   views = masked_views(
-      keys, scores > threshold, non_empty, mask_ratio=mask_ratio, negative_ratio=negative_ratio
+      keys,
+      scores > threshold,
+      non_empty,
+      mask_ratio=mask_ratio,
+      negative_ratio=negative_ratio,
+      negative_grouping=negative_grouping,
   )
   to_patches = lambda keep: jnp.take_along_axis(keep, segment_ids, axis=1)
   return dict(
@@ -69,6 +116,16 @@ def image_views(
 
 
 VIEW_MODES = ("both", "text", "image", "random")
+# A modality's hard negative drops 'ratio' (``negative_ratio`` of its difference units) or one
+# 'fact': in text one run of consecutive difference tokens, in the image one difference segment.
+NEGATIVE_FACT_GROUPING = {"text": "run", "image": "one"}
+NEGATIVES = ("ratio", "fact")
+
+
+def _grouping(choice, modality):
+  if choice not in NEGATIVES:
+    raise ValueError(f"{modality}_negative must be one of {NEGATIVES}, got {choice!r}")
+  return "ratio" if choice == "ratio" else NEGATIVE_FACT_GROUPING[modality]
 
 
 def masked_modalities(keys, mode="random"):
@@ -101,6 +158,8 @@ def stage2_views(
     mode="random",
     mask_ratio=0.3,
     negative_ratio=1.0,
+    text_negative="ratio",
+    image_negative="ratio",
     text_protected=None,
 ):
   """Text and image keep-masks for each sample's positive and hard-negative views.
@@ -108,6 +167,8 @@ def stage2_views(
   ``text_intersection`` [B,L] marks the text tokens of the intersection; image segments are the
   intersection when their mean patch score exceeds ``image_threshold``. A modality not chosen by
   ``mode`` for a sample keeps all its units in both views. ``keys`` [B]: one key per sample.
+  ``text_negative`` / ``image_negative``: how each modality's hard negative groups the difference
+  units it drops (:data:`NEGATIVE_FACT_GROUPING`: 'ratio' or 'fact', one phrase / one segment).
   Returns dict: ``{text,image}_{positive,negative}_keep`` and ``has_positive``/``has_negative`` [B]
   (whether some chosen modality actually changed).
   """
@@ -118,6 +179,7 @@ def stage2_views(
       text_mask,
       mask_ratio=mask_ratio,
       negative_ratio=negative_ratio,
+      negative_grouping=_grouping(text_negative, "text"),
       protected=text_protected,
   )
   image = image_views(
@@ -128,6 +190,7 @@ def stage2_views(
       image_threshold,
       mask_ratio=mask_ratio,
       negative_ratio=negative_ratio,
+      negative_grouping=_grouping(image_negative, "image"),
   )
   use_text, use_image = masked_modalities(stream(2), mode)
   all_patches = jnp.ones(patch_scores.shape, bool)
