@@ -70,10 +70,11 @@ def get_config(arg=None):
       stage1_mm2mm=False,
       towers="scratch",
       oracle_masks=False,
-      threshold="pairs",
+      threshold="mixture",
       negatives="ratio",
       segments="kmeans",
       eval_split="mm2mm",
+      tower_depth=0,
   )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")
@@ -96,6 +97,8 @@ def get_config(arg=None):
   config.model.joint.depth = 3
   if arg.towers == "shipped":
     config_lib.use_shipped_towers(config)
+  elif arg.tower_depth >= 0:  # transformer blocks in each from-scratch tower (-1: the size's)
+    config.model.image.depth = config.model.text.depth = arg.tower_depth
   # Each stage names its method (which brings its own loss) and adds the hyper-parameters.
   config.method = ml_collections.ConfigDict({"name": "solar_stage1"})
   config.loss = ml_collections.ConfigDict()
@@ -151,7 +154,7 @@ def get_config(arg=None):
     stage1["evals"]["masks"] = dict(
         type="solar_masks",
         dataset=world,
-        split="train",
+        split="val",
         every=0,
         num_examples=256,
         num_overlays=8,

@@ -39,9 +39,12 @@ RECIPES = {
     "solar_stage2_random": lambda: _stage(
         solar.get_config("evals=false,random_masks=true"), "stage2"
     ),
-    # The mixture threshold (EM over all devices), fact-level negatives, hierarchical segments.
+    # The paper's pairs threshold, fact-level negatives, hierarchical segments, deeper towers
+    # (the default is the mixture threshold, ratio negatives, k-means, towers of depth 0).
     "solar_stage2_options": lambda: _stage(
-        solar.get_config("evals=false,threshold=mixture,negatives=fact,segments=agglomerative"),
+        solar.get_config(
+            "evals=false,threshold=pairs,negatives=fact,segments=agglomerative,tower_depth=-1"
+        ),
         "stage2",
     ),
     "selfalign": lambda: _stage(selfalign.get_config("variant=both"), selfalign.HARDEST_STAGE),

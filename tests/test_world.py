@@ -243,7 +243,9 @@ def test_tfds_round_trip(tiny_dir):
   config = builder.builder_config
   expected_sizes = {
       "train": config.num_train,
+      "val": config.num_val,
       "mm2mm_queries": config.num_mm2mm_triplets,
+      "mm2mm_val_queries": config.num_mm2mm_triplets,
       "mm2mm_candidates": 2 * config.num_mm2mm_triplets + config.num_mm2mm_distractors,
       "universal_queries": len(world.UNIVERSAL_TASKS) * config.universal_queries_per_task,
       "caption5": config.num_caption5,
@@ -273,6 +275,17 @@ def test_tfds_round_trip(tiny_dir):
     assert records["mm2mm_candidates"][candidate["id"]] == candidate
   for record in world.caption5(spec, config.seed, 3):
     assert records["caption5"][record["id"]] == record
+  # The held-out sets are the generator's too, and share no content with the reported ones.
+  for record in world.pairs(spec, config.seed, 3, name="val"):
+    assert _records_equal(records["val"][record["id"]], record)
+  captions = lambda split: {r["caption"] for r in records[split].values()}
+  assert not captions("val") & captions("train")
+  mm2mm_val = world.mm2mm(spec, config.seed, config.num_mm2mm_triplets, 0, name="mm2mm_val")
+  for query in mm2mm_val.queries[:3]:
+    assert records["mm2mm_val_queries"][query["id"]]["text"] == query["text"]
+  texts = lambda split: {r["text"] for r in records[split].values()}
+  assert not texts("mm2mm_val_queries") & texts("mm2mm_queries")
+  assert {r["pool"] for r in records["mm2mm_val_candidates"].values()} == {"mm2mm_val"}
   candidates = records["universal_candidates"]
   for query in records["universal_queries"].values():
     assert all(candidates[p]["pool"] == query["pool"] for p in query["positive_ids"])

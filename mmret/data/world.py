@@ -131,7 +131,8 @@ DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 
 # Integer stream ids, so that every split draws from its own random stream.
-_TRAIN, _MM2MM, _UNIVERSAL, _CAPTION5, _MM2MM_VAL = 1, 2, 3, 4, 5
+_TRAIN, _MM2MM, _UNIVERSAL, _CAPTION5, _MM2MM_VAL, _VAL = 1, 2, 3, 4, 5, 6
+PAIR_STREAMS = {"train": _TRAIN, "val": _VAL}
 # The MM2MM sets: the reported one and one held out for choosing settings.
 MM2MM_STREAMS = {"mm2mm": _MM2MM, "mm2mm_val": _MM2MM_VAL}
 
@@ -616,19 +617,25 @@ def decode_png(data: bytes) -> np.ndarray:
 # ----------------------------------------------------------------------------- splits
 
 
-def pairs(spec: WorldSpec, seed: int, count: int, *, start: int = 0) -> Iterator[dict]:
+def pairs(
+    spec: WorldSpec, seed: int, count: int, *, start: int = 0, name: str = "train"
+) -> Iterator[dict]:
   """Training pairs (PAIRS schema with ground truth), one independent stream per index.
 
-  Record: ``id`` 'train-NNNNNNN', ``image`` PNG bytes, ``caption`` str, ``caption_tags``
+  ``name`` 'val' draws held-out pairs of the same kind from their own streams (pairs no model
+  trained on, e.g. to measure masks without memorisation). Record: ``id`` '<name>-NNNNNNN',
+  ``image`` PNG bytes, ``caption`` str, ``caption_tags``
   int32 [n_words], ``image_labels`` uint8 [S,S] (conventions in the module docstring).
   """
+  if name not in PAIR_STREAMS:
+    raise ValueError(f"unknown pairs set {name!r}; expected one of {sorted(PAIR_STREAMS)}")
   for index in range(start, start + count):
-    rng = np.random.default_rng(_child_seed(seed, _TRAIN, index))
+    rng = np.random.default_rng(_child_seed(seed, PAIR_STREAMS[name], index))
     content = sample_content(rng, spec)
     image, labels = render(content, spec, int(rng.integers(2**62)), fashion_subset="train")
     words, tags = describe(content, int(rng.integers(2**62)))
     yield {
-        "id": f"train-{index:07d}",
+        "id": f"{name}-{index:07d}",
         "image": encode_png(image),
         "caption": " ".join(words),
         "caption_tags": np.asarray(tags, np.int32),

@@ -6,6 +6,7 @@ dataset; :func:`prepare` generates it first if needed (offline, without TensorFl
 
 Splits and their record schemas (the shared contracts):
 - ``train`` (PAIRS): ``id``, ``image``, ``caption``, ``caption_tags``, ``image_labels``.
+- ``val`` (PAIRS): held-out pairs of the same kind (ids 'val-NNNNNNN'), never trained on.
 - ``mm2mm_queries`` / ``mm2mm_candidates`` and ``universal_queries`` /
   ``universal_candidates`` (RETRIEVAL): candidates ``id``, ``image``, ``text``,
   ``modality``, ``pool``; queries add ``task``, ``instruction``, ``positive_ids``,
@@ -47,6 +48,7 @@ QUERY_FIELDS = CANDIDATE_FIELDS + (
 CAPTION5_FIELDS = ("id", "image", "captions")
 SPLIT_FIELDS = {
     "train": PAIRS_FIELDS,
+    "val": PAIRS_FIELDS,
     "mm2mm_queries": QUERY_FIELDS,
     "mm2mm_candidates": CANDIDATE_FIELDS,
     "mm2mm_val_queries": QUERY_FIELDS,
@@ -67,6 +69,7 @@ class WorldConfig(tfds.core.BuilderConfig):
     object_kind: 'shapes' or 'fashion' (see ``world.WorldSpec``).
     seed: root seed of all splits.
     num_train: training pairs.
+    num_val: held-out pairs (split ``val``).
     num_mm2mm_triplets, num_mm2mm_distractors: MM2MM anchors and extra pool pairs.
     universal_queries_per_task, universal_distractors_per_task: per M-BEIR-like task.
     num_caption5: images of the 5-caption split.
@@ -79,6 +82,7 @@ class WorldConfig(tfds.core.BuilderConfig):
   object_kind: str = "shapes"
   seed: int = 0
   num_train: int = 512
+  num_val: int = 256
   num_mm2mm_triplets: int = 64
   num_mm2mm_distractors: int = 256
   universal_queries_per_task: int = 16
@@ -110,6 +114,7 @@ _SIZES = {
     ),
     "small": dict(
         num_train=10_000,
+        num_val=1_000,
         num_mm2mm_triplets=500,
         num_mm2mm_distractors=5_000,
         universal_queries_per_task=100,
@@ -118,6 +123,7 @@ _SIZES = {
     ),
     "base": dict(
         num_train=100_000,
+        num_val=2_000,
         num_mm2mm_triplets=1_000,
         num_mm2mm_distractors=20_000,
         universal_queries_per_task=300,
@@ -205,7 +211,7 @@ class MmretWorld(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": "First release.",
-      "1.1.0": "A held-out MM2MM set (mm2mm_val_*) for choosing settings.",
+      "1.1.0": "Held-out sets: MM2MM (mm2mm_val_*) for choosing settings, pairs (val).",
   }
   BUILDER_CONFIGS = _configs()
 
@@ -246,6 +252,9 @@ class MmretWorld(tfds.core.GeneratorBasedBuilder):
     )
     return {
         "train": self._generate_examples(world.pairs(spec, config.seed, config.num_train)),
+        "val": self._generate_examples(
+            world.pairs(spec, config.seed, config.num_val, name="val")
+        ),
         "mm2mm_queries": self._generate_examples(mm2mm.queries),
         "mm2mm_candidates": self._generate_examples(mm2mm.candidates),
         "mm2mm_val_queries": self._generate_examples(mm2mm_val.queries),
