@@ -318,7 +318,8 @@ def check_config(config):
   non_negative_int = lambda v: v == int(v) and v >= 0  # noqa: E731
   _require(config, "total_steps", positive_int, "an integer >= 1", errors)
   _require(config, "log_every", positive_int, "an integer >= 1", errors)
-  _require(config, "eval_every", positive_int, "an integer >= 1", errors, optional=True)
+  at_end = "an integer >= 0 (0: only at the end)"
+  _require(config, "eval_every", non_negative_int, at_end, errors, optional=True)
   _require(
       config,
       "ckpt_every",
@@ -335,8 +336,9 @@ def check_config(config):
   if "mapping" in config and config.mapping not in ("pmap", "shard_map"):
     errors.append(f"config.mapping={config.mapping!r}: must be one of 'pmap', 'shard_map'")
   for name, cfg in (config.get("evals") or {}).items():
-    for field in ("every", "batch_size"):
-      if field in cfg:
-        _require(config, f"evals.{name}.{field}", positive_int, "an integer >= 1", errors)
+    if "every" in cfg:
+      _require(config, f"evals.{name}.every", non_negative_int, at_end, errors)
+    if "batch_size" in cfg:
+      _require(config, f"evals.{name}.batch_size", positive_int, "an integer >= 1", errors)
   if errors:
     raise ConfigError("impossible config values:\n  " + "\n  ".join(errors))

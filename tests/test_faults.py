@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from configs import clip
+from configs import clip, gcl, selfalign, solar
 from mmret import checkpoint as ckpt_lib
 from mmret import config_lib, faults, metrics_writer, train
 from mmret import step as step_lib
@@ -371,7 +371,8 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path, caplo
     ],
 )
 def test_impossible_values_are_refused_before_any_work(tmp_path, field, value, message):
-  config = clip.get_config("evals=false")
+  config = clip.get_config("steps=2,evals=false")  # short, should the check be missing
+  config.input.data_dir = str(tmp_path / "data")
   *parents, name = field.split(".")
   node = config
   for parent in parents:
@@ -384,10 +385,18 @@ def test_impossible_values_are_refused_before_any_work(tmp_path, field, value, m
   assert not workdir.exists()  # nothing written
 
 
-def test_eval_intervals_are_checked():
+def test_eval_intervals_and_batch_sizes_are_checked_and_every_shipped_config_passes():
+  for module in (clip, gcl, selfalign, solar):
+    for _, stage in train.stage_configs(module.get_config()):
+      faults.check_config(stage)
   config = clip.get_config("")
-  config.evals.caption5.every = 0
-  with pytest.raises(faults.ConfigError, match="config.evals.caption5.every=0"):
+  config.evals.caption5.every = 0  # at the end only
+  faults.check_config(config)
+  config.evals.caption5.every = -100
+  with pytest.raises(faults.ConfigError, match="config.evals.caption5.every=-100: must be an"):
+    faults.check_config(config)
+  config.evals.caption5.every, config.evals.universal.batch_size = 0, 0
+  with pytest.raises(faults.ConfigError, match="config.evals.universal.batch_size=0"):
     faults.check_config(config)
 
 
