@@ -560,3 +560,50 @@ def test_any_failure_of_one_record_is_a_bad_record_naming_it():
     writer._built_and_checked(build, "id7", "captions.json")
   assert problem.value.reason == "unreadable_record" and problem.value.record_id == "id7"
   assert "ZeroDivisionError" in problem.value.detail
+
+
+def test_full_disk_during_an_asynchronous_save_is_reported_naming_the_checkpoint(tmp_path):
+  """A 200 KiB filesystem (tmpfs, when this process may mount one) fills up during a save."""
+  mount_point = tmp_path / "small_disk"
+  mount_point.mkdir()
+  mounted = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount_point)], capture_output=True
+  )
+  if mounted.returncode:
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    checkpointer = ckpt_lib.Checkpointer(str(mount_point / "checkpoints"))
+    incompressible = np.random.default_rng(0).random((256, 1024), np.float32)  # 1 MiB
+    checkpointer.save(1, {"w": incompressible})
+    with pytest.raises(ckpt_lib.CheckpointError) as error:
+      for _ in range(600):  # what the training loop does after each step
+        checkpointer.poll()
+        time.sleep(0.05)
+    assert f"saving checkpoint {mount_point / 'checkpoints' / '1'} failed" in str(error.value)
+    assert "RESOURCE_EXHAUSTED" in str(error.value) or "space" in str(error.value)
+    assert checkpointer.all_steps() == []  # never looks complete
+  finally:
+    subprocess.run(["umount", "-l", str(mount_point)])
+
+
+class _Iterator:
+
+  def set_state(self, state):
+    self.state = state
+
+
+def test_data_position_of_another_process_count_is_carried_over_or_refused(tmp_path):
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  data_dir = tmp_path / "7" / "data"
+  data_dir.mkdir(parents=True)
+  for i in range(2):
+    (data_dir / f"process_{i}-of-2.json").write_text(json.dumps({"next_index": 7}))
+  iterator = _Iterator()
+  checkpointer._restore_data(7, iterator)
+  assert iterator.state == {"next_index": 7}
+  # A position that is not a plain batch index (e.g. worker processes' states) is refused.
+  (data_dir / "process_1-of-2.json").write_text(json.dumps({"workers": [3, 4]}))
+  with pytest.raises(ckpt_lib.CheckpointError, match="saved by 2 processes, this run has 1") as e:
+    checkpointer._restore_data(7, iterator)
+  assert "Relaunch with 2 processes" in str(e.value)
+  checkpointer.close()
