@@ -74,6 +74,13 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
 
+  def _in_use(self, holder: dict) -> str:
+    return (
+        f"workdir {os.path.dirname(self.path)} is in use by another run: "
+        f"{describe_holder(holder)}; lock file {self.path}. Wait for that run to end or stop it, "
+        "or use another --workdir."
+    )
+
   def _read(self, fd) -> dict:
     os.lseek(fd, 0, os.SEEK_SET)
     data = os.read(fd, 1 << 16)
@@ -92,19 +99,12 @@ class WorkdirLock:
     except OSError:
       holder = self._read(fd)
       os.close(fd)
-      raise WorkdirLockedError(
-          f"workdir {os.path.dirname(self.path)} is in use by another run: "
-          f"{describe_holder(holder)}; lock file {self.path}. Wait for that run to end or stop "
-          "it, or use another --workdir."
-      ) from None
+      raise WorkdirLockedError(self._in_use(holder)) from None
     previous = self._read(fd)
     if previous and _is_alive_here(previous) and previous.get("pid") != os.getpid():
       # flock is not honoured here (some network filesystems) but the holder is alive.
       os.close(fd)
-      raise WorkdirLockedError(
-          f"workdir {os.path.dirname(self.path)} is in use by another run: "
-          f"{describe_holder(previous)}; lock file {self.path}"
-      )
+      raise WorkdirLockedError(self._in_use(previous))
     if previous:
       logging.warning(
           "Taking over the stale lock %s of %s (that process is gone)",
@@ -124,6 +124,22 @@ class WorkdirLock:
     os.fsync(fd)
     self._fd = fd
     return self
+
+  def check_free(self):
+    """Raises ``WorkdirLockedError`` now if a live run holds the lock (creates nothing): lets a
+    second launch fail before the slow start-up. ``acquire`` is what guards the workdir."""
+    import fcntl
+
+    try:
+      fd = os.open(self.path, os.O_RDWR)
+    except FileNotFoundError:
+      return
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise WorkdirLockedError(self._in_use(self._read(fd))) from None
+    finally:
+      os.close(fd)  # releases the flock if taken
 
   def release(self):
     if self._fd is None:

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmret import runtime
+from mmret import faults, runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe config file (configs/*.py[:arg]).", lock_config=True
@@ -32,13 +32,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup_logging()
+  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or default_workdir(config_path)
+  try:
+    # Before the slow start-up; train.run takes the lock itself.
+    faults.WorkdirLock(workdir).check_free()
+  except faults.WorkdirLockedError as e:
+    sys.exit(f"error: {e}")
   runtime.initialize_jax()
   from mmret import train  # after JAX initialisation
 
-  from mmret import faults
-
-  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-  workdir = _WORKDIR.value or default_workdir(config_path)
   try:
     train.run(_CONFIG.value, workdir)
   except faults.Stopped as stopped:

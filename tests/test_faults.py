@@ -34,14 +34,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY, BATCH = 12, 5, 16
 
 
-# Tests sharing runs; the two-process test on its own, so that another worker can take it.
-# Both are slow (sorted first, see conftest.py).
 def RUN(test):
+  """Tests sharing the reference run: one group on one worker, started first (slow)."""
   return pytest.mark.slow(pytest.mark.xdist_group("faults_run")(test))
-
-
-def MULTI(test):
-  return pytest.mark.slow(pytest.mark.xdist_group("faults_multiprocess")(test))
 
 
 def _config(data_dir):
@@ -223,7 +218,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_used(
   assert [line["step"] for line in _lines(workdir)] == list(range(1, STEPS + 1))
 
 
-@MULTI
+@RUN
 def test_two_processes_stop_at_one_step_and_one_process_continues_their_data(
     straight, world_data_dir, tmp_path
 ):
@@ -338,10 +333,15 @@ def test_no_usable_checkpoint_is_an_error_after_moving_each_aside(tmp_path):
 
 
 def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path, caplog):
+  faults.WorkdirLock(str(tmp_path)).check_free()
+  assert not os.listdir(tmp_path)  # checking writes nothing
   lock = faults.WorkdirLock(str(tmp_path)).acquire()
   with pytest.raises(faults.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
     faults.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(faults.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
+    faults.WorkdirLock(str(tmp_path)).check_free()
   lock.release()
+  faults.WorkdirLock(str(tmp_path)).check_free()
   # A lock file left by a killed run: its process is gone.
   dead = subprocess.Popen(["true"])
   dead.wait()
