@@ -27,11 +27,35 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     kind = type(defaults[key])
     if kind is bool:
       if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise ValueError(f"config argument {key}={value!r} is not a boolean (true or false)")
+        raise ValueError(
+            f"config argument {key}={value!r} is not a boolean: use true/false, yes/no or 1/0"
+        )
       parsed[key] = value.lower() in ("1", "true", "yes")
     else:
-      parsed[key] = kind(value)
+      try:
+        parsed[key] = kind(value)
+      except ValueError:
+        raise ValueError(
+            f"config argument {key}={value!r} is not a {kind.__name__} (default: {defaults[key]!r})"
+        ) from None
   return parsed
+
+
+# Types of the architecture fields a size fills (None in the config until then): typed so that
+# ``--config.model.embed_dim=32`` and the like can be given on the command line.
+_ARCH_TYPES = dict(
+    width=int,
+    depth=int,
+    heads=int,
+    mlp_dim=int,
+    patch_size=int,
+    embed_dim=int,
+    kind=str,
+    activation=str,
+    ln_eps=float,
+    ln_pre=bool,
+    layer_scale=bool,
+)
 
 
 def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
@@ -46,7 +70,9 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
   Sizes named after a checkpoint (e.g. 'clip_vit_b16', 'minilm_l6_efficientnet_lite0') also set
   the pooling/causal fields below to what the checkpoint needs.
   """
-  arch = lambda *keys: {k: None for k in keys}  # noqa: E731
+  arch = lambda *keys: {  # noqa: E731
+      k: ml_collections.FieldReference(None, field_type=_ARCH_TYPES[k]) for k in keys
+  }
   cfg = ml_collections.ConfigDict(
       dict(
           size=size,
@@ -64,7 +90,7 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
           ),
           text=arch("width", "depth", "heads", "mlp_dim", "kind", "activation", "ln_eps"),
           joint=arch("depth", "heads", "mlp_dim"),
-          embed_dim=None,
+          embed_dim=ml_collections.FieldReference(None, field_type=int),
           image_pool="cls",  # 'cls' | 'gap'
           text_pool="eos",  # 'eos' | 'cls' | 'mean'
           text_causal=False,

@@ -4,6 +4,8 @@ The event files are written directly (TFRecord framing around ``Event`` protos h
 summaries), so TensorBoard reads them without TensorFlow being installed here.
 """
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -88,7 +90,8 @@ class MetricWriter:
   """Appends scalar metrics to ``workdir/metrics.jsonl`` and a TensorBoard event file.
 
   Only the process with ``enabled=True`` (process 0) writes. Appending keeps the history of an
-  earlier, interrupted run in the same workdir.
+  earlier, interrupted run in the same workdir; ``rewind`` drops what the resumed run redoes. Each
+  line is flushed and fsync'ed, so a full disk is reported at the write that fails, naming the file.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
@@ -107,15 +110,55 @@ class MetricWriter:
     self._events.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
     self._events.flush()
 
+  def rewind(self, step: int, *, drop_evals_at_step: bool = False):
+    """Drops the lines of ``metrics.jsonl`` past ``step`` (a run resuming at checkpoint ``step``
+    writes them again), and with ``drop_evals_at_step`` the evaluation lines at ``step`` too."""
+    if not self.enabled or not os.path.exists(self.jsonl_path):
+      return
+    with open(self.jsonl_path) as f:
+      lines = f.readlines()
+
+    def keep(line):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        return False  # a line cut short by a crash
+      return record["step"] < step or (
+          record["step"] == step and not (drop_evals_at_step and "loss" not in record)
+      )
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) == len(lines):
+      return
+    tmp = self.jsonl_path + ".tmp"
+    with self._reporting_errors(tmp):
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.jsonl_path)
+
+  @contextlib.contextmanager
+  def _reporting_errors(self, path):
+    try:
+      yield
+    except OSError as e:
+      reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+      raise OSError(e.errno, f"cannot write metrics to {path}: {reason}", path) from e
+
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items()}
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
-    self._events.write(tfrecord(encode_event(time.time(), int(step), scalars=scalars)))
-    self._events.flush()
+    with self._reporting_errors(self.jsonl_path):
+      with open(self.jsonl_path, "a") as f:
+        f.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    with self._reporting_errors(self.events_path):
+      self._events.write(tfrecord(encode_event(time.time(), int(step), scalars=scalars)))
+      self._events.flush()
 
   def close(self):
-    if self.enabled:
+    if self.enabled and not self._events.closed:
       self._events.close()

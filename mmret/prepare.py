@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
       "--overwrite", action="store_true", help="replace an existing dataset at --out"
   )
   parser.add_argument(
+      "--max_pixels",
+      type=int,
+      default=records.DEFAULT_MAX_PIXELS,
+      help="skip images with more pixels than this (default 40 megapixels), before decoding",
+  )
+  parser.add_argument(
       "--annotations", help="coco/karpathy/lcs558k: annotation file (default per format)"
   )
   parser.add_argument(
@@ -122,7 +128,13 @@ def main(argv=None) -> int:
   }
   try:
     summary = importers.import_dataset(
-        args.format, args.src, args.out, on_error=args.on_error, overwrite=args.overwrite, **options
+        args.format,
+        args.src,
+        args.out,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+        max_pixels=args.max_pixels,
+        **options,
     )
   except (
       importers.SchemaError,

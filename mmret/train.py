@@ -6,6 +6,7 @@ directly. Starting with a workdir that holds a checkpoint resumes from it. A rec
 each starting from the previous stage's parameters; a resumed run continues in the right stage.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -21,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import metrics_writer, optim, registry
+from mmret import faults, metrics_writer, optim, registry
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
 from mmret.evals import runner
@@ -191,13 +192,14 @@ class _LossWatch:
     self.pending.append((step, loss))
 
   def check(self, last_good_checkpoint):
+    """``last_good_checkpoint``: a function giving the newest checkpoint that verifies."""
     values = jax.device_get([loss for _, loss in self.pending])
     for (step, _), value in zip(self.pending, values):
       value = float(np.asarray(value).reshape(-1)[0])
       if not math.isfinite(value):
         raise NonFiniteLossError(
             f"loss is {value} at step {step}; stopping. Last good checkpoint: "
-            f"{last_good_checkpoint or 'none (no checkpoint saved yet)'}"
+            f"{last_good_checkpoint() or 'none (no checkpoint saved yet)'}"
         )
     self.pending = []
 
@@ -215,8 +217,15 @@ def _evals_with_defaults(config):
   return evals
 
 
-def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool = True):
-  """Trains one stage of ``config`` in ``workdir``; returns the final metrics."""
+def train_stage(
+    config, workdir: str, *, init_params=None, run_final_evals: bool = True, stop_signals=None
+):
+  """Trains one stage of ``config`` in ``workdir``; returns the final metrics.
+
+  ``stop_signals`` (a ``faults.StopSignals``): when it asks to stop, the current step is finished,
+  checkpointed (state and data position, waiting for the save) and ``faults.Stopped`` is raised.
+  """
+  faults.check_config(config)
   check_batch_size(config)
   os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
@@ -238,9 +247,9 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_ckpts
   )
-  last_ckpt = checkpointer.latest_step()
+  # The newest checkpoint that verifies; corrupt newer ones are moved aside with a warning.
+  last_ckpt, state = checkpointer.restore_latest_good(setup.abstract_state(mapping), data_iter)
   if last_ckpt is not None:
-    state = checkpointer.restore(setup.abstract_state(mapping), data_iter, step=last_ckpt)
     logging.info("Resumed from %s at step %d", checkpointer.directory, last_ckpt)
   else:
     state = setup.init_state(config, mapping, init_params)
@@ -249,18 +258,17 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
   train_fn = mapping.compile(setup.step_body())
   native_state = mapping.put_state(state)
   del state
-  writer = metrics_writer.MetricWriter(workdir, enabled=is_writer)
-  watch = _LossWatch()
-  last_good = (
-      os.path.join(checkpointer.directory, str(last_ckpt)) if last_ckpt is not None else None
-  )
   evals_cfg = _evals_with_defaults(config)
+  writer = metrics_writer.MetricWriter(workdir, enabled=is_writer)
+  # Lines of steps after the checkpoint are rewritten by this run (and the final evaluations of a
+  # finished run are run again): each step stays once in metrics.jsonl.
+  writer.rewind(start, drop_evals_at_step=start == config.total_steps and run_final_evals)
+  watch = _LossWatch()
+  last_good = checkpointer.last_good
 
-  def save(step, *, force=False):
-    nonlocal last_good
+  def save(step, *, force=False, wait=False):
     watch.check(last_good)  # never checkpoint past a non-finite loss
-    if checkpointer.save(step, mapping.get_state(native_state), data_iter, force=force):
-      last_good = os.path.join(checkpointer.directory, str(step))
+    checkpointer.save(step, mapping.get_state(native_state), data_iter, force=force, wait=wait)
 
   def evaluate(step, *, final):
     if not evals_cfg:
@@ -326,6 +334,19 @@ def train_stage(config, workdir: str, *, init_params=None, run_final_evals: bool
         interval_start, interval_steps = time.time(), 0
       if config.ckpt_every and step % config.ckpt_every == 0:
         save(step)
+      checkpointer.poll()
+      if stop_signals is not None and stop_signals.should_stop(step):
+        if not (config.ckpt_every and step % config.ckpt_every == 0):
+          save(step, force=True)
+        checkpointer.wait()  # the checkpoint is complete and sealed before the process exits
+        checkpointer.close()
+        writer.close()
+        raise faults.Stopped(
+            step,
+            stop_signals.received,
+            checkpointer.step_dir(step),
+            stop_signals.exit_code,
+        )
       if step != config.total_steps:
         evaluate(step, final=False)
     if start < config.total_steps and checkpointer.latest_step() != config.total_steps:
@@ -391,13 +412,50 @@ def last_stage(config, workdir: str):
   return stage, stage_dir(workdir, name)
 
 
-def run(config, workdir: str):
-  """Trains ``config`` (all its stages) in ``workdir``; returns the last stage's final metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  prepare_data(config)
+def run(config, workdir: str, *, handle_signals: bool = True):
+  """Trains ``config`` (all its stages) in ``workdir``; returns the last stage's final metrics.
+
+  Every value is checked first (``faults.check_config``); then the workdir is locked for this run
+  (``faults.WorkdirLock``: a second run on it fails at once, naming the holder). With
+  ``handle_signals``, SIGTERM / SIGINT stop the run after the current step with a checkpoint and
+  raise ``faults.Stopped`` (``mmret.main`` exits 0, or 130 after SIGINT).
+  """
   stages = stage_configs(config)
+  for _, stage in stages:
+    faults.check_config(stage)
+  lock = _lock_workdir(workdir)
+  try:
+    signals = faults.StopSignals() if handle_signals else None
+    with signals or contextlib.nullcontext():
+      return _run_stages(config, workdir, stages, signals)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir: str):
+  """Process 0 locks ``workdir``; every process fails when it cannot."""
+  lock, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = faults.WorkdirLock(workdir).acquire()
+    except faults.WorkdirLockedError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.int32(bool(error)))
+    if np.any(failed) and not error:
+      error = f"workdir {workdir} is in use by another run (see process 0's log)"
+  if error:
+    if lock is not None:
+      lock.release()
+    raise faults.WorkdirLockedError(error)
+  return lock
+
+
+def _run_stages(config, workdir, stages, signals):
+  prepare_data(config)
   if stages[0][0] is None:
-    return train_stage(config, workdir)
+    return train_stage(config, workdir, stop_signals=signals)
   previous, final = None, {}
   for i, (name, stage) in enumerate(stages):
     run_dir = stage_dir(workdir, name)
@@ -408,7 +466,7 @@ def run(config, workdir: str):
       continue
     init_params = load_params(*previous) if previous else None
     logging.info("Stage %s (%d steps) in %s", name, stage.total_steps, run_dir)
-    final = train_stage(stage, run_dir, init_params=init_params)
+    final = train_stage(stage, run_dir, init_params=init_params, stop_signals=signals)
     previous = (stage, run_dir)
   return final
 

@@ -1,5 +1,5 @@
 """End-to-end training: metrics, evaluations recomputed independently, checkpoints, bit-identical
-resume, non-finite loss, truncated checkpoints."""
+resume, non-finite loss, truncated checkpoints (more faults in test_faults.py)."""
 
 import json
 import os
@@ -97,12 +97,13 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(finished_run, tmp_path):
     assert eval_lines[0][f"eval/caption5/{key}"] == pytest.approx(value, abs=1e-6), key
   assert "eval/universal/local/average" in eval_lines[0]
 
-  # Launched again, the finished run resumes at its last step: no training, evaluations again.
+  # Launched again, the finished run resumes at its last step: no training, evaluations again,
+  # whose line replaces the first run's (each step once in metrics.jsonl).
   again_dir = _copy(workdir, tmp_path)
   again = train.run(config, again_dir)
   lines = _lines(again_dir)
   assert [x["step"] for x in lines if "loss" in x] == list(range(1, 7))
-  assert [x["step"] for x in lines if "loss" not in x] == [6, 6]
+  assert [x["step"] for x in lines if "loss" not in x] == [6]
   assert again["eval/caption5/rsum"] == final["eval/caption5/rsum"]
 
 
@@ -143,8 +144,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(
   step_b, params_b = _params(resumed, config)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  # Step 4 ran before the crash and again after resuming from checkpoint 3; history is kept.
-  assert [line["step"] for line in _lines(resumed) if "loss" in line] == [1, 2, 3, 4, 4, 5, 6]
+  # Step 4 ran before the crash and again after resuming from checkpoint 3: its first line was
+  # dropped on resuming, each step is in metrics.jsonl once.
+  assert [line["step"] for line in _lines(resumed) if "loss" in line] == [1, 2, 3, 4, 5, 6]
 
 
 def _nan_when_temperature_moves(outputs, batch, *, axis_name=None, tolerance=0.05):
@@ -171,7 +173,7 @@ def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path, data_dir,
   assert max(saved) == bad_step - 1  # nothing past the bad step was checkpointed
 
 
-def test_truncated_checkpoint_is_named(finished_run, tmp_path):
+def test_truncated_checkpoint_is_moved_aside_and_named(finished_run, tmp_path, caplog):
   config, workdir, _ = finished_run
   workdir = _copy(workdir, tmp_path)
   step_dir = os.path.join(workdir, "checkpoints", "6")
@@ -185,8 +187,15 @@ def test_truncated_checkpoint_is_named(finished_run, tmp_path):
   for path in data_files:
     with open(path, "r+b") as f:
       f.truncate(16)
+  # Read directly, it is an error naming it; a run moves it aside and resumes from checkpoint 3.
   with pytest.raises(ckpt_lib.CheckpointError, match=step_dir):
-    train.run(config, workdir)
+    _params(workdir, config)
+  config = _config(config.input.data_dir)
+  config.evals = {}
+  train.run(config, workdir)
+  assert step_dir in caplog.text and "is corrupt" in caplog.text
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6", "corrupt-6"]
+  assert _params(workdir, config)[0] == 6
 
 
 def test_batch_size_not_divisible_by_devices_is_an_error(tmp_path, data_dir):

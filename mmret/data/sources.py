@@ -106,6 +106,10 @@ def _to_python(key: str, value: Any) -> Any:
   return value
 
 
+class RecordReadError(OSError):
+  """A record of a prepared dataset cannot be read (e.g. a truncated ArrayRecord file)."""
+
+
 class RecordSource:
   """A split of a dataset as a random-access sequence of record dicts.
 
@@ -125,8 +129,28 @@ class RecordSource:
   def __len__(self) -> int:
     return len(self._records)
 
+  def _file_of(self, index: int) -> str:
+    """The ArrayRecord file holding record ``index`` (best effort: the split's files)."""
+    reader = getattr(self._records, "data_source", None)
+    paths = list(getattr(reader, "_paths", None) or [])
+    prefix_sums = list(getattr(reader, "_prefix_sums", None) or [])
+    if paths and len(prefix_sums) == len(paths):
+      for path, end in zip(paths, prefix_sums):
+        if index < end:
+          return str(path)
+    return ", ".join(str(p) for p in paths) or "?"
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self._records[int(index)]
+    try:
+      record = self._records[int(index)]
+    except IndexError:
+      raise
+    except Exception as e:  # ArrayRecord/Riegeli raise RuntimeError for damaged files
+      raise RecordReadError(
+          f"dataset {self.dataset!r}, split {self.split!r}: record {index} cannot be read from "
+          f"{self._file_of(int(index))} ({type(e).__name__}: {e}). The file may be truncated or "
+          "corrupt: prepare the dataset again"
+      ) from e
     return {key: _to_python(key, value) for key, value in record.items() if key in self.fields}
 
   def __getstate__(self):

@@ -66,13 +66,17 @@ def import_dataset(
     *,
     on_error: str = "skip",
     overwrite: bool = False,
+    max_pixels: int | None = None,
     **options,
 ) -> dict:
   """Imports ``src`` (in ``format_name``) into the tfds dataset directory ``out``.
 
   Bad records are skipped and counted (``on_error='skip'``) or stop the import with a
   ``RecordError`` naming the file and record (``'fail'``); schema problems always raise
-  ``SchemaError``. Returns the summary also saved as ``out/import_summary.json``.
+  ``SchemaError``. Any failure of one record (undecodable or over ``max_pixels`` image, text that
+  is not valid UTF-8, anything else) is such a bad record. ``max_pixels``: images with more pixels
+  are skipped as 'too_many_pixels' (default ``records.DEFAULT_MAX_PIXELS``, 40 megapixels).
+  Returns the summary also saved as ``out/import_summary.json``.
   """
   problems = ProblemLog(on_error)
   plan = plan_import(format_name, src, problems, **options)
@@ -83,7 +87,8 @@ def import_dataset(
           k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v is not None
       },
   }
-  write_dataset(plan, out, problems, metadata=metadata, overwrite=overwrite)
+  with records.image_limits(max_pixels):
+    write_dataset(plan, out, problems, metadata=metadata, overwrite=overwrite)
   return {**metadata, **problems.summary()}
 
 

@@ -9,6 +9,7 @@ Two kinds of bad input:
 """
 
 import collections
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,26 @@ from typing import Any
 from PIL import Image
 
 ON_ERROR_CHOICES = ("skip", "fail")
+# Images with more pixels are skipped ('too_many_pixels') before they are decoded: a huge image
+# would take minutes and gigabytes to decode. ``import_dataset(max_pixels=...)`` changes it.
+DEFAULT_MAX_PIXELS = 40_000_000
+_limits = {"max_pixels": DEFAULT_MAX_PIXELS}
+
+
+@contextlib.contextmanager
+def image_limits(max_pixels: int | None):
+  """Sets the pixel-count limit of the images read inside the ``with`` block."""
+  if max_pixels is not None and max_pixels <= 0:
+    raise ValueError(f"max_pixels must be > 0, got {max_pixels}")
+  previous = dict(_limits)
+  if max_pixels is not None:
+    _limits["max_pixels"] = int(max_pixels)
+  try:
+    yield
+  finally:
+    _limits.update(previous)
+
+
 # Encodings stored as they are; anything else PIL reads is re-encoded to PNG.
 STORED_IMAGE_FORMATS = ("PNG", "JPEG")
 _BYTES_IO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")
@@ -240,7 +261,9 @@ class ImageReader:
     if verdict is True:
       return data  # decoded fine before and stored as is: only the bytes are needed
     try:
-      stored = _checked_image_bytes(data)
+      stored = _checked_image_bytes(data, _limits["max_pixels"])
+    except _TooManyPixels as e:
+      return self._fail(path, "too_many_pixels", f"{path}: {e}", record_id, source)
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError...)
       message = _BYTES_IO_REPR.sub("the file", str(e))  # PIL names the in-memory buffer
       return self._fail(
@@ -254,9 +277,19 @@ class ImageReader:
     raise BadRecord(reason, record_id, source, detail)
 
 
-def _checked_image_bytes(data: bytes) -> bytes:
+class _TooManyPixels(ValueError):
+  pass
+
+
+def _checked_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
   """``data`` itself if it fully decodes as PNG/JPEG, its PNG re-encoding if another format."""
   with Image.open(io.BytesIO(data)) as image:
+    width, height = image.size  # from the header: checked before decoding
+    if width * height > max_pixels:
+      raise _TooManyPixels(
+          f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+          "(--max_pixels)"
+      )
     image.load()  # a full decode: Image.open alone reads only the header
     if image.format in STORED_IMAGE_FORMATS:
       return data
