@@ -214,7 +214,7 @@ def main(argv):
     avg = COLUMNS["Avg"]
     markdown += f"\nPer-seed SOLAR - CL, Avg: {difference(runs, SOLAR_ROW, CL_ROW, avg)}\n"
   if SOLAR_ROW in ordered:
-    markdown += "\nStage-1 masks of the SOLAR runs (training split, percent):\n\n"
+    markdown += "\nStage-1 masks of the SOLAR runs (held-out pairs, split val; percent):\n\n"
     markdown += table.markdown_table({SOLAR_ROW: ordered[STAGE1_ROW]}, MASK_COLUMNS)
   extra = f"; SOLAR arguments {FLAGS.solar_args}" if FLAGS.solar_args else ""
   header = (
