@@ -70,11 +70,11 @@ def get_config(arg=None):
       stage1_mm2mm=False,
       towers="scratch",
       oracle_masks=False,
-      threshold="mixture",
+      threshold="pairs",
       negatives="ratio",
       segments="kmeans",
       eval_split="mm2mm",
-      tower_depth=0,
+      tower_depth=-1,
   )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")

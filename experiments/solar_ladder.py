@@ -30,39 +30,39 @@ flags.DEFINE_integer("seed", 0, "Training seed of every rung.")
 
 # name -> (configs/solar.py arguments, {dotted stage-1 config field: value}).
 RUNGS = {
-    "tower depth 2, 150 steps (the size's towers)": ("tower_depth=-1", {}),
-    "tower depth 2, 600 steps": ("tower_depth=-1,stage1_steps=600", {}),
+    "tower depth 2, 150 steps (the size's towers)": ("tower_depth=-1,threshold=mixture", {}),
+    "tower depth 2, 600 steps": ("tower_depth=-1,threshold=mixture,stage1_steps=600", {}),
     "tower depth 2, GLA weight 3, margin 0.5": (
-        "tower_depth=-1",
+        "tower_depth=-1,threshold=mixture",
         {"loss.gla_weight": 3.0, "loss.gla_margin": 0.5},
     ),
     "tower depth 2, LD and GD weight 1": (
-        "tower_depth=-1",
+        "tower_depth=-1,threshold=mixture",
         {"loss.ld_weight": 1.0, "loss.gd_weight": 1.0},
     ),
-    "tower depth 2, lr 3e-3": ("tower_depth=-1", {"optim.lr": 3e-3}),
-    "tower depth 1, 150 steps": ("tower_depth=1", {}),
-    "tower depth 0, 150 steps": ("tower_depth=0", {}),
-    "tower depth 0, 600 steps": ("tower_depth=0,stage1_steps=600", {}),
+    "tower depth 2, lr 3e-3": ("tower_depth=-1,threshold=mixture", {"optim.lr": 3e-3}),
+    "tower depth 1, 150 steps": ("tower_depth=1,threshold=mixture", {}),
+    "tower depth 0, 150 steps": ("tower_depth=0,threshold=mixture", {}),
+    "tower depth 0, 600 steps": ("tower_depth=0,threshold=mixture,stage1_steps=600", {}),
     "tower depth 0, 600 steps, GLA weight 5": (
-        "tower_depth=0,stage1_steps=600",
+        "tower_depth=0,threshold=mixture,stage1_steps=600",
         {"loss.gla_weight": 5.0},
     ),
     "tower depth 0, 600 steps, no LD/GD": (
-        "tower_depth=0,stage1_steps=600",
+        "tower_depth=0,threshold=mixture,stage1_steps=600",
         {"loss.ld_weight": 0.0, "loss.gd_weight": 0.0},
     ),
     "tower depth 0, 600 steps, GD with its diagonal": (
-        "tower_depth=0,stage1_steps=600",
+        "tower_depth=0,threshold=mixture,stage1_steps=600",
         {"loss.gd_include_self": True},
     ),
     "tower depth 0, 600 steps, small world (10k pairs)": (
-        "tower_depth=0,stage1_steps=600,world=small",
+        "tower_depth=0,threshold=mixture,stage1_steps=600,world=small",
         {},
     ),
     # Pretrained towers (frozen EfficientNet-Lite0 + MiniLM, real-image world): about 11 s per
     # step on 2 CPU cores without a feature cache; run it with --rungs.
-    "shipped towers, 150 steps": ("towers=shipped,world=fashion_tiny", {}),
+    "shipped towers, 150 steps": ("towers=shipped,world=fashion_tiny,threshold=mixture", {}),
 }
 DEFAULT_SKIP = ("shipped towers, 150 steps",)
 ESTIMATORS = ("pairs", "mixture")
