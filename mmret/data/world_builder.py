@@ -252,9 +252,7 @@ class MmretWorld(tfds.core.GeneratorBasedBuilder):
     )
     return {
         "train": self._generate_examples(world.pairs(spec, config.seed, config.num_train)),
-        "val": self._generate_examples(
-            world.pairs(spec, config.seed, config.num_val, name="val")
-        ),
+        "val": self._generate_examples(world.pairs(spec, config.seed, config.num_val, name="val")),
         "mm2mm_queries": self._generate_examples(mm2mm.queries),
         "mm2mm_candidates": self._generate_examples(mm2mm.candidates),
         "mm2mm_val_queries": self._generate_examples(mm2mm_val.queries),

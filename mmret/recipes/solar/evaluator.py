@@ -1,18 +1,23 @@
 """SOLAR mask quality: predicted intersection masks vs the embedded world's ground truth.
 
 Evaluator type ``solar_masks`` (records with ``image``, ``caption``, ``caption_tags`` and
-``image_labels``, e.g. the world's ``train`` split)::
+``image_labels``, e.g. the world's held-out ``val`` split; on the ``train`` split a model that has
+memorised its pairs scores their text-only words like intersection words)::
 
-  config.evals.masks = dict(type='solar_masks', dataset='mmret_world/tiny', split='train', every=0)
+  config.evals.masks = dict(type='solar_masks', dataset='mmret_world/tiny', split='val', every=0)
 
 The model's adapted tokens and unimodal globals come from the shared embedding pass
 (``mmret.evals.embed.item_outputs``); masks are fitted by ``masks.fit_masks``, as in training, with
-one density-crossing threshold per modality over the evaluated pairs (own partner vs every other
-pair's). Metrics (percent): ``{text,patch}_mask/{iou,precision,recall}`` micro-averaged over the
-examples, the predicted and true mask fractions, and the thresholds (cosines). Files in the
-evaluation's directory: ``overlays.png`` (per row: the image, the true intersection patches in
-green, the predicted ones in red) and ``text_masks.jsonl`` (per caption: its words, the true and
-the predicted intersection words).
+one threshold per modality over the evaluated pairs (own partner vs every other pair's; estimator
+``threshold``: 'pairs' or 'mixture'). Metrics (percent): ``{text,patch}_mask/{iou,precision,recall}``
+micro-averaged over the examples, the predicted and true mask fractions, the thresholds (cosines),
+the AUC of the scores of intersection units against all other units (``{text,patch}_mask/auc``:
+50 = the scores carry no information, whatever the threshold) and the mean score per kind of unit
+(``text_scores/{template,intersection,text_only}``, ``patch_scores/{background,intersection,
+image_only}``). Files in the evaluation's directory: ``overlays.png`` (per row: the image, the true
+intersection patches in green, the predicted ones in red), ``scores.png`` (per modality, the
+histogram of each kind's scores and the threshold) and ``text_masks.jsonl`` (per caption: its
+words, the true and the predicted intersection words).
 """
 
 import json
