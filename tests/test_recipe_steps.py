@@ -39,14 +39,6 @@ RECIPES = {
     "solar_stage2_random": lambda: _stage(
         solar.get_config("evals=false,random_masks=true"), "stage2"
     ),
-    # The mixture threshold (EM over all devices), fact-level negatives, hierarchical segments,
-    # towers of depth 0 (the defaults: the pairs threshold, ratio negatives, k-means, depth 2).
-    "solar_stage2_options": lambda: _stage(
-        solar.get_config(
-            "evals=false,threshold=mixture,negatives=fact,segments=agglomerative,tower_depth=0"
-        ),
-        "stage2",
-    ),
     "selfalign": lambda: _stage(selfalign.get_config("variant=both"), selfalign.HARDEST_STAGE),
 }
 
