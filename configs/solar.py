@@ -21,7 +21,9 @@ stages and the mask evaluator), negatives (stage 2's hard negatives drop 'ratio'
 ``method.negative_ratio`` of the difference units, or one 'fact': one phrase of the caption, one
 image segment; per modality in ``method.{text,image}_negative``), segments ('kmeans' or the
 paper's hierarchical 'agglomerative' grouping of patches), eval_split ('mm2mm', the reported set,
-or 'mm2mm_val', the held-out set settings are chosen on).
+or 'mm2mm_val', the held-out set settings are chosen on), tower_depth (transformer blocks of each
+from-scratch tower; -1, the default, keeps the size's: 2 at tiny; 0 makes every token and patch
+feature local, see README's diagnosis ladder).
 
 Model: the towers -> 2-layer MLP adapters into the shared width -> a 3-layer joint encoder over
 [CLS; image tokens; text tokens] with per-token attention weights; z_image / z_text come from the
