@@ -60,14 +60,27 @@ def gaussian_crossing(
   return jnp.where(linear, linear_root, quadratic_root)
 
 
-def _masked_moments(x, mask, axis_name, min_variance):
+def _total(value, axis_name):
+  return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
+def _weighted_moments(x, weights, axis_name, min_variance, min_weight=1.0):
+  """Weighted mean, population variance (floored at ``min_variance``) and total weight of ``x``
+  over all devices; ``weights`` (float, same shape) may be a 0/1 mask or EM responsibilities."""
+  weight = _total(jnp.sum(weights), axis_name)
+  mean = _total(jnp.sum(weights * x), axis_name) / jnp.maximum(weight, min_weight)
+  variance = _total(jnp.sum(weights * (x - mean) ** 2), axis_name) / jnp.maximum(weight, min_weight)
+  return mean, jnp.maximum(variance, min_variance), weight
+
+
+def _mask_weights(x, mask):
   mask = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
-  mask = mask.astype(jnp.float32)
-  total = lambda v: v if axis_name is None else jax.lax.psum(v, axis_name)
-  count = jnp.maximum(total(jnp.sum(mask)), 1.0)
-  mean = total(jnp.sum(x * mask)) / count
-  variance = total(jnp.sum(((x - mean) * mask) ** 2)) / count
-  return mean, jnp.maximum(variance, min_variance)
+  return mask.astype(jnp.float32)
+
+
+def _masked_moments(x, mask, axis_name, min_variance):
+  mean, variance, _ = _weighted_moments(x, _mask_weights(x, mask), axis_name, min_variance)
+  return mean, variance
 
 
 def fit_threshold(
@@ -119,20 +132,13 @@ def fit_mixture_threshold(
   x = jax.lax.stop_gradient(positive_scores.astype(jnp.float32))
   negative_scores = jax.lax.stop_gradient(negative_scores.astype(jnp.float32))
   mean_0, var_0 = _masked_moments(negative_scores, negative_mask, axis_name, min_variance)
-  mask = (
-      jnp.ones(x.shape, bool) if positive_mask is None else jnp.broadcast_to(positive_mask, x.shape)
-  )
-  mask = mask.astype(jnp.float32)
-  total = lambda v: v if axis_name is None else jax.lax.psum(v, axis_name)
-  count = jnp.maximum(total(jnp.sum(mask)), 1.0)
-  pos_mean, _ = _masked_moments(x, positive_mask, axis_name, min_variance)
+  mask = _mask_weights(x, positive_mask)
+  pos_mean, _, count = _weighted_moments(x, mask, axis_name, min_variance)
+  count = jnp.maximum(count, 1.0)
   upper = mask * (x > pos_mean)
 
   def m_step(r):
-    weight = total(jnp.sum(r))
-    mean = total(jnp.sum(r * x)) / jnp.maximum(weight, 1e-12)
-    var = total(jnp.sum(r * (x - mean) ** 2)) / jnp.maximum(weight, 1e-12)
-    return mean, jnp.maximum(var, min_variance), weight
+    return _weighted_moments(x, r, axis_name, min_variance, min_weight=1e-12)
 
   def log_normal(v, mean, var):
     return -0.5 * (jnp.log(2.0 * jnp.pi * var) + (v - mean) ** 2 / var)
