@@ -69,6 +69,10 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
     {image,text}.ln_eps      LayerNorm epsilon (default 1e-6 for 'vit'/'transformer', 1e-12 'bert')
   Sizes named after a checkpoint (e.g. 'clip_vit_b16', 'minilm_l6_efficientnet_lite0') also set
   the pooling/causal fields below to what the checkpoint needs.
+  lora.rank > 0 tunes the kernels matching the regex lora.targets as W + (lora.alpha / lora.rank)
+  * A @ B (mmret.lora). Usual recipe: freeze the towers and adapt their kernels, e.g.
+  optim.freeze='^(image|text)_tower/', lora.rank=8,
+  lora.targets='^text_tower/.*(query|value)/kernel$'.
   """
   arch = lambda *keys: {  # noqa: E731
       k: ml_collections.FieldReference(None, field_type=_ARCH_TYPES[k]) for k in keys
@@ -102,6 +106,8 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
           dropout=0.0,
           dtype="float32",  # compute dtype; parameters stay float32
           init="",  # pretrained checkpoint(s) to start from (see mmret.models.pretrained)
+          # LoRA of kernels (see mmret.lora): rank 0 = off; targets: regex over kernel paths.
+          lora=dict(rank=0, alpha=16.0, targets=""),
       )
   )
   cfg.update(sizes.model_defaults(size))
