@@ -6,7 +6,7 @@ it in their ``Method``; the others name a loss of ``LOSSES`` in ``config.loss.na
 """
 
 from mmret import methods
-from mmret.evals import modality_gap, protocols
+from mmret.evals import covr, modality_gap, protocols
 from mmret.losses import contrastive, gcl, vsepp
 from mmret.recipes.selfalign import method as selfalign
 from mmret.recipes.solar import evaluator as solar_evaluator
@@ -32,6 +32,7 @@ EVALUATORS = {
     "retrieval": protocols.RETRIEVAL,
     "mm2mm": protocols.MM2MM,
     "mmeb": protocols.MMEB,
+    "covr": covr.COVR,
     "modality_gap": modality_gap.MODALITY_GAP,
     "solar_masks": solar_evaluator.SOLAR_MASKS,
 }

@@ -486,10 +486,10 @@ def test_run_evals_rejects_unknown_fields():
         batches_fn=fake_eval_batches,
         evaluators=registry.evaluator,
     )
-  with pytest.raises(KeyError, match="unknown evaluator type 'covr'"):
+  with pytest.raises(KeyError, match="unknown evaluator type 'nocaps'"):
     runner.run_evals(
         predict_fn,
-        {"x": dict(type="covr", dataset="toy", split="s", every=1)},
+        {"x": dict(type="nocaps", dataset="toy", split="s", every=1)},
         INPUT_CFG,
         2,
         None,

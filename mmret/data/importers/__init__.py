@@ -2,6 +2,8 @@
 
 Formats (see each planner for its layout and options):
 - ``coco``: COCO captions JSON + images -> PAIRS ``<split>`` and CAPTION5 ``<split>_caption5``.
+- ``covr``: WebVid-CoVR / CC-CoVR annotation CSV + per-video frame folders -> ``<split>_candidates``
+  (target videos) / ``<split>_queries`` (reference video, modification text, target id).
 - ``karpathy``: Karpathy split JSON + images -> PAIRS ``train`` (train+restval), CAPTION5
   ``val`` / ``test``.
 - ``lcs558k``: LCS-558K conversations JSON + images -> PAIRS ``<split>``.
@@ -17,6 +19,7 @@ The record schemas' feature definitions (``pairs_features`` ... ``candidates_fea
 import inspect
 
 from mmret.data.importers import captions
+from mmret.data.importers import covr
 from mmret.data.importers import records
 from mmret.data.importers import retrieval
 from mmret.data.importers.records import BadRecord, ProblemLog, RecordError, SchemaError
@@ -32,6 +35,7 @@ from mmret.data.importers.writer import EmptySplitError, ImportPlan, write_datas
 
 PLANNERS = {
     "coco": captions.plan_coco,
+    "covr": covr.plan_covr,
     "karpathy": captions.plan_karpathy,
     "lcs558k": captions.plan_lcs558k,
     "mbeir": retrieval.plan_mbeir,
