@@ -8,7 +8,9 @@
 The config gives the model, preprocessing and (unless --eval_type is given) the evaluations of
 ``config.evals``; ``--eval_*`` flags evaluate one prepared dataset instead (any directory made by
 ``python -m mmret.prepare``, or an embedded ``mmret_world/...`` name). Reports go to ``--out``
-(default: ``<workdir>/eval_only``): ``eval/<name>.{json,md,png}`` and ``metrics.json``.
+(default: ``<workdir>/eval_only``): ``eval/<name>.{json,md,png}`` and ``metrics.json``. The
+command prints one line of headline figures per evaluation (the metrics the training log shows,
+``mmret.train.HEADLINE_METRICS``) and where the reports are.
 Multi-stage recipes are evaluated with their last stage's parameters.
 """
 
@@ -85,6 +87,34 @@ def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
   return results
 
 
+def summary_lines(results, eval_names, out, headline_metrics=None) -> list[str]:
+  """What the command prints: per evaluation its headline figures (``eval/<name>/<metric>``
+  whose last component is in ``headline_metrics``, default ``mmret.train.HEADLINE_METRICS``),
+  then the metric count and the report directory."""
+  from mmret.evals import report
+
+  if headline_metrics is None:
+    from mmret.train import HEADLINE_METRICS as headline_metrics
+
+  lines = []
+  for name in eval_names:
+    prefix = f"eval/{name}/"
+    headline = {
+        key[len(prefix) :]: value
+        for key, value in results.items()
+        if key.startswith(prefix) and key.rsplit("/", 1)[1] in headline_metrics
+    }
+    if headline:
+      figures = " | ".join(
+          f"{metric} {headline[metric]:.2f}" for metric in sorted(headline, key=report.natural_key)
+      )
+    else:
+      figures = f"no headline metric; every metric is in {os.path.join(out, 'eval', name)}.md"
+    lines.append(f"{name}: {figures}")
+  lines.append(f"{len(results)} metrics; reports in {os.path.join(out, 'eval')}")
+  return lines
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -94,14 +124,16 @@ def main(argv):
   if out is None:
     raise app.UsageError("give --out (or --workdir)")
   os.makedirs(out, exist_ok=True)
+  evals_cfg = _evals_config(_CONFIG.value)
   results = evaluate(
       _CONFIG.value,
       workdir=_WORKDIR.value,
       checkpoint=_CHECKPOINT.value,
       out=out,
-      evals_cfg=_evals_config(_CONFIG.value),
+      evals_cfg=evals_cfg,
   )
-  print(f"{len(results)} metrics; reports in {os.path.join(out, 'eval')}")
+  for line in summary_lines(results, list(evals_cfg), out):
+    print(line)
 
 
 if __name__ == "__main__":

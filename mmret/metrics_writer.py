@@ -12,6 +12,8 @@ import socket
 import struct
 import time
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def _crc32c_table():
   table = []
@@ -99,7 +101,7 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl_path = os.path.join(workdir, METRICS_FILE)
     tb_dir = os.path.join(workdir, "tensorboard")
     os.makedirs(tb_dir, exist_ok=True)
     now = time.time()
@@ -162,3 +164,36 @@ class MetricWriter:
   def close(self):
     if self.enabled and not self._events.closed:
       self._events.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a ``metrics.jsonl`` in file order (``[]`` when the file does not exist).
+
+  A last line without its newline that does not parse (a write cut short by a crash) is left out;
+  any other line that is not a JSON object with an integer ``step`` is an error naming the file
+  and line.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      if number == len(lines) and not line.endswith("\n"):
+        break  # the write a crash interrupted
+      raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
+    if not isinstance(record, dict):
+      raise ValueError(
+          f"{path}, line {number}: expected a JSON object, got {type(record).__name__}"
+      )
+    if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+      raise ValueError(
+          f"{path}, line {number}: field 'step' must be an integer, got {record.get('step')!r}"
+      )
+    records.append(record)
+  return records

@@ -9,6 +9,8 @@ written and skipped per split, per-reason counts, the first offending ids and fi
 only once the import has finished; a dataset already there is kept unless ``--overwrite``.
 Bad records (missing or corrupt image, empty caption, missing field, duplicate id) are skipped and
 counted, or with ``--on_error=fail`` stop the import with an error naming the file and record.
+Progress goes to stderr: per split, the records done of those counted in a first pass over the
+annotations, their rate and an ETA (every 20 s), then a line with the split's totals.
 
 COCO captions (``annotations/captions_val2017.json`` and ``val2017/`` under ``--src``) ->
 PAIRS ``val2017`` (one record per caption) and CAPTION5 ``val2017_caption5`` (first 5 per image)::
@@ -38,12 +40,25 @@ RETRIEVAL ``test_candidates`` / ``test_queries`` with each query's own ``candida
 
   python -m mmret.prepare --format=mmeb --src=/data/MMEB-eval --images=/data/MMEB-eval/eval_images \
       --tasks=ImageNet-1K,MSCOCO_t2i --out=/data/mmret/mmeb
+
+CoVR (a WebVid-CoVR / CC-CoVR annotation CSV; ``--src`` is the frames root holding one folder of
+frame images per video, ``<src>/<pth1 or pth2>/``) -> ``test_candidates`` (the distinct target
+videos) / ``test_queries`` (reference frames, modification text, target id), ``--num_frames``
+frames sampled uniformly per video (default 4); ``--columns`` renames the CSV columns
+(defaults reference=pth1,edit=edit,target=pth2)::
+
+  python -m mmret.prepare --format=covr --src=/data/WebVid/8M/test_frames \
+      --annotations=/data/CoVR/annotation/webvid-covr/webvid8m-covr_test.csv \
+      --out=/data/mmret/webvid_covr_test
 """
 
 import argparse
 import json
 import sys
 
+from absl import logging
+
+from mmret import runtime
 from mmret.data import importers
 from mmret.data.importers import records
 
@@ -66,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--split",
       help="split to import / output split name (default per format: "
-      "coco train2017, karpathy train,val,test, lcs558k train, mbeir/mmeb test)",
+      "coco train2017, karpathy train,val,test, lcs558k train, mbeir/mmeb/covr test)",
   )
   parser.add_argument(
       "--on_error",
@@ -84,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="skip images with more pixels than this (default 40 megapixels), before decoding",
   )
   parser.add_argument(
-      "--annotations", help="coco/karpathy/lcs558k: annotation file (default per format)"
+      "--annotations", help="coco/karpathy/lcs558k/covr: annotation file (default per format)"
   )
   parser.add_argument(
       "--images", help="coco/karpathy/lcs558k/mmeb: image root (default per format)"
@@ -108,11 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
       default=None,
       help="mbeir: instructions from query_instructions.tsv when present " "(default on)",
   )
+  parser.add_argument("--num_frames", type=int, help="covr: frames sampled per video (default 4)")
+  parser.add_argument(
+      "--columns",
+      type=_comma_list,
+      help="covr: CSV columns as role=name,... (roles reference, edit, target; "
+      "default reference=pth1,edit=edit,target=pth2)",
+  )
   return parser
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  # Progress lines (records done, rate, ETA per split) go to stderr through absl logging.
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  runtime.setup_logging()
   options = {
       k: getattr(args, k)
       for k in (
@@ -124,6 +150,8 @@ def main(argv=None) -> int:
           "captions_per_image",
           "qrels",
           "instructions",
+          "num_frames",
+          "columns",
       )
   }
   try:

@@ -57,9 +57,9 @@ def _colour_pixels(image, hex_colour):
 def test_png_has_axes_and_one_coloured_line_per_series(tmp_path):
   path = str(tmp_path / "curves.png")
   curves = report.recall_curves(METRICS)
-  report.draw_recall_curves(path, curves, title="test", size=(800, 450))
+  report.draw_recall_curves(path, curves, title="test", panel_size=(800, 450))
   image = Image.open(path).convert("RGB")
-  assert image.size == (800, 450)
+  assert image.size == (800, report.TITLE_HEIGHT + 450)  # one panel
   pixels = np.asarray(image)
   assert (pixels == 0).all(axis=-1).sum() > 1000  # axes, ticks and text in black
   for i in range(len(curves)):
@@ -67,10 +67,15 @@ def test_png_has_axes_and_one_coloured_line_per_series(tmp_path):
   assert _colour_pixels(image, report.PALETTE[len(curves)]) == 0
 
 
-def test_png_legend_summarises_overflow_and_rejects_empty(tmp_path):
+def test_png_splits_many_series_into_panels_and_rejects_empty(tmp_path):
   curves = {f"task{i:02d}": [(1, i), (5, 2 * i), (50, 3 * i)] for i in range(40)}
-  report.draw_recall_curves(str(tmp_path / "many.png"), curves, title="many", size=(640, 300))
-  assert Image.open(tmp_path / "many.png").size == (640, 300)
+  panels = report.draw_recall_curves(
+      str(tmp_path / "many.png"), curves, title="many", panel_size=(640, 300)
+  )
+  assert [len(lines) for _, lines in panels] == [8] * 5
+  assert [label for _, lines in panels for label in lines] == sorted(curves)
+  # Two columns, three rows.
+  assert Image.open(tmp_path / "many.png").size == (2 * 640, report.TITLE_HEIGHT + 3 * 300)
   with pytest.raises(ValueError, match="no recall curves"):
     report.draw_recall_curves(str(tmp_path / "none.png"), {}, title="none")
 

@@ -479,7 +479,8 @@ def test_two_stage_run_resumes_in_stage2_and_writes_overlays(tmp_path, world_dat
 
   masks_dir = os.path.join(workdir, "stage1", "eval", "masks")
   overlay = Image.open(os.path.join(masks_dir, "overlays.png"))
-  assert overlay.size == (4 * (3 * 32 + 4), 4 * (3 * 32 + 2 * 2))  # 3 rows of 3 panels
+  legend = len(evaluator.OVERLAY_LEGEND) * evaluator.LEGEND_ROW_HEIGHT + 8
+  assert overlay.size == (4 * (3 * 32 + 4), 4 * (3 * 32 + 2 * 2) + legend)  # 3 rows of 3 panels
   with open(os.path.join(masks_dir, "text_masks.jsonl")) as f:
     rows = [json.loads(x) for x in f]
   assert len(rows) == 3 and all(set(r["true"]) <= set(r["words"]) for r in rows)

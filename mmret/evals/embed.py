@@ -15,6 +15,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmret import progress
+
 # The output key holding the embedding of each record modality.
 EMBEDDING_KEYS = {"image": "z_image", "text": "z_text", "image,text": "z_joint"}
 MESH_AXIS = "data"
@@ -139,6 +141,13 @@ def item_outputs(
   params = _replicate(params, mesh)
   row_sharding = NamedSharding(mesh, P(MESH_AXIS))
   chunks, chunk_indices = {key: [] for key in keys}, []
+  share = -(-len(items) // process_count)  # eval_batches' batches per process (the largest share)
+  counter = progress.Progress(
+      f"embedding {len(items)} items ({', '.join(keys)})",
+      -(-share // batch_size),
+      unit="batches",
+      warmup=True,
+  )
   for batch in batches_fn(
       items,
       input_cfg=input_cfg,
@@ -166,6 +175,8 @@ def item_outputs(
     for key in keys:
       chunks[key].append(np.asarray(outputs[key], np.float32)[valid])
     chunk_indices.append(index[valid])
+    counter.update()  # counted on the host, after the outputs above came back
+  counter.finish()
   if not chunk_indices:  # no items: every process yields no batch
     return {key: np.zeros((0, 0), np.float32) for key in keys}
   local_index = np.concatenate(chunk_indices)

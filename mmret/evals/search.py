@@ -18,9 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmret import progress
+
 # Defaults shared by `search` and the evaluators' configs.
 EXACT_MAX_CANDIDATES = 50_000
 RECALL_SAMPLES = 1_000
+# An exact search scoring at least this many query-candidate pairs logs a line when it starts;
+# smaller ones log only when they run longer than PROGRESS_MIN_SECONDS.
+ANNOUNCE_MIN_PAIRS = 10**9
+PROGRESS_MIN_SECONDS = 10.0
 
 
 def _as_matrix(x, name: str) -> np.ndarray:
@@ -68,6 +74,14 @@ def exact_search(
   k = min(k, candidates.shape[0])
   device_candidates = jax.device_put(candidates)
   all_scores, all_ids = [], []
+  counter = progress.Progress(
+      f"exact search: {queries.shape[0]} queries x {candidates.shape[0]} candidates",
+      -(-queries.shape[0] // query_block),
+      unit="query blocks",
+      warmup=True,
+      announce=queries.shape[0] * candidates.shape[0] >= ANNOUNCE_MIN_PAIRS,
+      min_seconds=PROGRESS_MIN_SECONDS,
+  )
   for q0 in range(0, queries.shape[0], query_block):
     q = jax.device_put(queries[q0 : q0 + query_block])
     best_scores = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
@@ -77,6 +91,8 @@ def exact_search(
       best_scores, best_ids = _merge_block(best_scores, best_ids, q, block, jnp.int32(c0), k=k)
     all_scores.append(np.asarray(best_scores))
     all_ids.append(np.asarray(best_ids))
+    counter.update()  # the block's results are on the host: counting waits for nothing more
+  counter.finish()
   if not all_scores:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
   return np.concatenate(all_scores), np.concatenate(all_ids).astype(np.int64)
@@ -224,9 +240,13 @@ def search(
     return SearchResult(scores, indices, "exact", {})
   params = scann_params(candidates.shape[0], k, **(scann or {}))
   start = time.perf_counter()
+  building = progress.Progress(f"building a ScaNN index over {candidates.shape[0]} candidates")
   searcher = build_scann(candidates, k, params)
+  building.finish("built the ScaNN index")
   built = time.perf_counter()
+  searching = progress.Progress(f"ScaNN search of {queries.shape[0]} queries")
   scores, indices = scann_search(searcher, queries, min(k, candidates.shape[0]))
+  searching.finish(f"searched {queries.shape[0]} queries with ScaNN")
   searched = time.perf_counter()
   recall = recall_against_exact(
       indices, queries, candidates, k, num_samples=recall_samples, seed=seed

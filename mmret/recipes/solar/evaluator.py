@@ -15,9 +15,9 @@ the AUC of the scores of intersection units against all other units (``{text,pat
 50 = the scores carry no information, whatever the threshold) and the mean score per kind of unit
 (``text_scores/{template,intersection,text_only}``, ``patch_scores/{background,intersection,
 image_only}``). Files in the evaluation's directory: ``overlays.png`` (per row: the image, the true
-intersection patches in green, the predicted ones in red), ``scores.png`` (per modality, the
-histogram of each kind's scores and the threshold) and ``text_masks.jsonl`` (per caption: its
-words, the true and the predicted intersection words).
+intersection patches in green, the predicted ones in red; a legend under the rows says so),
+``scores.png`` (per modality, the histogram of each kind's scores and the threshold) and
+``text_masks.jsonl`` (per caption: its words, the true and the predicted intersection words).
 """
 
 import json
@@ -27,7 +27,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from mmret.data import pipeline, preprocess
 from mmret.evals import embed
@@ -42,6 +42,14 @@ PASS_OUTPUTS = ("image_tokens", "text_tokens", "text_mask", "z_image", "z_text")
 TEXT_KINDS = ("template", "intersection", "text_only")
 PATCH_KINDS = ("background", "intersection", "image_only")
 KIND_COLOURS = ((150, 150, 150), (0, 170, 0), (210, 60, 0))
+# The legend under the overlays: (text, swatch colour or None), one row each.
+OVERLAY_LEGEND = (
+    ("per row: image | ground truth | prediction", None),
+    ("green: true intersection patches (in image and caption)", TRUE_COLOUR),
+    ("red: predicted intersection patches (the fitted mask)", PREDICTED_COLOUR),
+    ("untinted: not intersection (background or image-only)", None),
+)
+LEGEND_ROW_HEIGHT = 18
 
 
 def _text(value) -> str:
@@ -124,6 +132,30 @@ def overlay_rows(raw_images, true_patches, predicted_patches, grid) -> np.ndarra
   return np.kron(picture, np.ones((OVERLAY_SCALE, OVERLAY_SCALE, 1), np.uint8))
 
 
+def overlay_figure(raw_images, true_patches, predicted_patches, grid):
+  """The overlays (``overlay_rows``) with ``OVERLAY_LEGEND`` drawn under them; returns
+  (PIL image, legend texts). The legend adds ``len(OVERLAY_LEGEND) * LEGEND_ROW_HEIGHT + 8`` rows
+  of pixels."""
+  picture = overlay_rows(raw_images, true_patches, predicted_patches, grid)
+  height = picture.shape[0] + len(OVERLAY_LEGEND) * LEGEND_ROW_HEIGHT + 8
+  image = Image.new("RGB", (picture.shape[1], height), "white")
+  image.paste(Image.fromarray(picture), (0, 0))
+  draw = ImageDraw.Draw(image)
+  font = ImageFont.load_default(size=12)
+  y = picture.shape[0] + 4
+  for text, colour in OVERLAY_LEGEND:
+    x = 4
+    if colour is not None:
+      draw.rectangle((x, y + 3, x + 11, y + 14), fill=tuple(colour))
+      x += 18
+    shown = text
+    while len(shown) > 1 and draw.textlength(shown, font=font) > image.width - x - 2:
+      shown = shown[:-2] + "…"
+    draw.text((x, y + 2), shown, fill="black", font=font)
+    y += LEGEND_ROW_HEIGHT
+  return image, [text for text, _ in OVERLAY_LEGEND]
+
+
 def _word_masks(tokenizer, words, token_mask_row):
   """Per caption word: predicted when any of its tokens is (tokens follow the start token)."""
   out, position = [], 1
@@ -137,8 +169,8 @@ def _word_masks(tokenizer, words, token_mask_row):
 def write_files(workdir, truth, image_mask, text_mask, true_patches, grid, num_overlays, input_cfg):
   os.makedirs(workdir, exist_ok=True)
   shown = slice(0, min(num_overlays, len(truth["id"])))
-  picture = overlay_rows(truth["raw"][shown], true_patches[shown], image_mask[shown], grid)
-  Image.fromarray(picture).save(os.path.join(workdir, "overlays.png"))
+  figure, _ = overlay_figure(truth["raw"][shown], true_patches[shown], image_mask[shown], grid)
+  figure.save(os.path.join(workdir, "overlays.png"))
   tokenizer = pipeline.tokenizer_for(input_cfg)
   with open(os.path.join(workdir, "text_masks.jsonl"), "w") as f:
     for i in range(shown.stop):
