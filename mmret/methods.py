@@ -20,11 +20,15 @@ from typing import Any, Callable, Optional
 import jax
 
 from mmret.losses.common import global_offset
-from mmret.models.retrieval import SHARED_OUTPUTS
+from mmret.models.retrieval import IMAGE_FEATURES, SHARED_OUTPUTS, TEXT_FEATURES
 
 ForwardFn = Callable[..., dict]
 PredictFn = Callable[[Any, dict], dict]
-MODEL_INPUTS = ("image", "text_ids", "text_mask")
+MODEL_INPUTS = (
+    ("image", "text_ids", "text_mask")
+    + tuple(IMAGE_FEATURES.values())
+    + tuple(TEXT_FEATURES.values())
+)
 
 
 def no_frozen(model, params, **hparams):

@@ -22,10 +22,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import faults, metrics_writer, optim, registry
+from mmret import faults, feature_cache, metrics_writer, optim, registry
+from mmret import lora as lora_lib
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
-from mmret.evals import runner
+from mmret import progress
+from mmret.evals import report, runner
 from mmret.models.retrieval import build_model
 
 # Evaluation metrics worth a log line (the last component of their key).
@@ -107,7 +109,13 @@ def loss_function(config):
 
 
 class Setup:
-  """Everything a config defines that is not state: model, optimizer, method, loss."""
+  """Everything a config defines that is not state: model, optimizer, method, loss.
+
+  With LoRA (``config.model.lora.rank`` > 0, see ``mmret.lora``) the trained parameters hold the
+  factors in a top-level 'lora' subtree; the optimizer and frozen mask cover them, and
+  ``forward``, ``predict`` and the method's ``init_frozen`` see the merged weights
+  (``merge_lora``), which is what the model computes with.
+  """
 
   def __init__(self, config, *, vocab_size: Optional[int] = None):
     """``vocab_size``: the text tower's vocabulary (default: the configured tokenizer's)."""
@@ -117,9 +125,11 @@ class Setup:
         config.model, vocab_size=vocab_size, max_text_len=config.input.max_text_len
     )
     self.example = example_batch(config.input)
-    abstract_params = jax.eval_shape(
-        lambda: self.model.init(jax.random.PRNGKey(0), self.example)["params"]
-    )
+    # (rank, alpha, targets), or None when LoRA is off.
+    self.lora = lora_lib.config_values(config.model.get("lora"))
+    abstract_params = jax.eval_shape(lambda: self._initial_params(jax.random.PRNGKey(0), 0))
+    if self.lora is not None:
+      lora_lib.check_not_frozen(config.optim.freeze, abstract_params[lora_lib.LORA])
     self.tx, self.lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
     self.frozen_mask = optim.frozen_mask(config.optim, abstract_params)
     self.method = registry.method(config.method.name)
@@ -127,8 +137,44 @@ class Setup:
     _check_hparams(self.method.make_forward, method_hparams, "config.method")
     self.forward = self.method.make_forward(self.model, **method_hparams)
     self.predict = self.method.make_predict(self.model, **method_hparams)
+    if self.lora is not None:
+      self.forward = self._on_merged(self.forward, self.merge_lora)
+      self.predict = self._on_merged(self.predict, self.merge_lora)
     self.method_hparams = method_hparams
     self.loss_fn = loss_function(config)
+
+  # Folded into the seed's key for the LoRA factors (the model's init uses the seed's key itself).
+  _LORA_KEY = 0x10A
+
+  @staticmethod
+  def _on_merged(fn, merge):
+    """``fn(params, ...)`` that receives ``merge(params)``."""
+
+    @functools.wraps(fn)
+    def wrapped(params, *args, **kwargs):
+      return fn(merge(params), *args, **kwargs)
+
+    return wrapped
+
+  def merge_lora(self, params):
+    """``params`` as the model computes with them: LoRA factors merged into their kernels and
+    the 'lora' subtree removed (parameters without one are returned as they are)."""
+    if self.lora is None:
+      return lora_lib.merged(params, alpha=0.0, rank=0)  # an error if factors are present
+    rank, alpha, _ = self.lora
+    return lora_lib.merged(params, alpha=alpha, rank=rank)
+
+  def _add_lora(self, params, seed: int):
+    """``params`` with fresh LoRA factors (B = 0: the merged weights are ``params``)."""
+    if self.lora is None:
+      return params
+    rank, _, targets = self.lora
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), self._LORA_KEY)
+    return dict(params, **{lora_lib.LORA: lora_lib.init(params, key, rank=rank, targets=targets)})
+
+  def _initial_params(self, key, seed: int):
+    """Random model parameters from ``key``, with fresh LoRA factors from ``seed``."""
+    return self._add_lora(self.model.init(key, self.example)["params"], seed)
 
   def step_body(self):
     """The per-device train step of this config (``step.train_step`` with its pieces bound)."""
@@ -142,27 +188,48 @@ class Setup:
     )
 
   def init_state(self, config, mapping, params=None):
-    """Fresh canonical state: initial, pretrained (``model.init``) or given ``params``."""
-    if params is None and config.model.get("init"):
-      from mmret.models import pretrained  # only runs that start from checkpoints need it
+    """Fresh canonical state: initial, pretrained (``model.init``) or given ``params``.
 
+    Given ``params`` are merged weights (e.g. an earlier stage's, from ``load_params``); with
+    LoRA on, fresh factors (B = 0) are added to them, to pretrained or to random weights.
+    """
+    if params is not None and lora_lib.LORA in params:
+      raise ValueError(
+          f"Setup.init_state: the given parameters hold LoRA factors ('{lora_lib.LORA}/...'); "
+          "pass merged weights (load_params returns them merged)"
+      )
+    if params is None and (config.model.get("init") or self.lora is not None):
       params = jax.jit(lambda k: self.model.init(k, self.example)["params"])(
           jax.random.PRNGKey(config.seed)
       )
-      params = pretrained.load_into(params, config.model.init)
+      if config.model.get("init"):
+        from mmret.models import pretrained  # only runs that start from checkpoints need it
+
+        params = pretrained.load_into(params, config.model.init)
+    if params is not None:
+      params = self._add_lora(params, config.seed)
     state = step_lib.init_state(
         self.model, self.example, self.tx, seed=config.seed, mapping=mapping, params=params
     )
-    frozen = self.method.init_frozen(self.model, state.params, **self.method_hparams)
+    frozen = self.method.init_frozen(
+        self.model, self.merge_lora(state.params), **self.method_hparams
+    )
     return state.replace(frozen=jax.device_put(frozen, mapping.replicated))
 
   def abstract_state(self, mapping):
     """Shapes, dtypes and (replicated) shardings of the state, for restoring checkpoints."""
 
     def init():
-      state = step_lib.init_state(self.model, self.example, self.tx, seed=0, mapping=mapping)
+      params = None
+      if self.lora is not None:
+        params = self._initial_params(jax.random.PRNGKey(0), 0)
+      state = step_lib.init_state(
+          self.model, self.example, self.tx, seed=0, mapping=mapping, params=params
+      )
       return state.replace(
-          frozen=self.method.init_frozen(self.model, state.params, **self.method_hparams)
+          frozen=self.method.init_frozen(
+              self.model, self.merge_lora(state.params), **self.method_hparams
+          )
       )
 
     return jax.tree.map(
@@ -172,14 +239,17 @@ class Setup:
 
 
 def load_params(config, workdir: str):
-  """Parameters of the latest checkpoint in ``workdir`` (a finished run of ``config``)."""
+  """Parameters of the latest checkpoint in ``workdir`` (a finished run of ``config``), merged:
+  LoRA factors, if any, folded into their kernels (the weights the model computes with, which
+  the next stage starts from and ``Setup.predict`` takes)."""
   setup = Setup(config)
   abstract = setup.abstract_state(step_lib.DeviceMapping(config.mapping))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    return checkpointer.restore(abstract).params
+    params = checkpointer.restore(abstract).params
   finally:
     checkpointer.close()
+  return setup.merge_lora(params)
 
 
 class _LossWatch:
@@ -254,6 +324,21 @@ def train_stage(
   else:
     state = setup.init_state(config, mapping, init_params)
   start = int(jax.device_get(state.step))
+  # Frozen towers: their outputs are computed once per record and batches carry them instead of
+  # images; evaluations embed from cached outputs too (mmret/feature_cache.py).
+  eval_batches_fn = None
+  if feature_cache.enabled(config, setup.frozen_mask):
+    towers = feature_cache.TowerPass(setup.model, state.params)
+    position = data_iter.get_state()
+    data_iter = pipeline.make_train_iterator(
+        config.input,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        features=feature_cache.for_training(config, towers),
+    )
+    data_iter.set_state(position)
+    eval_batches_fn = feature_cache.EvalBatches(towers, config.input)
 
   train_fn = mapping.compile(setup.step_body())
   native_state = mapping.put_state(state)
@@ -288,6 +373,7 @@ def train_stage(
         params=params,
         final=final,
         data_dir=config.input.data_dir,
+        batches_fn=eval_batches_fn,
     )
     writer.write(step, results)
     for name in evals_cfg:
@@ -311,6 +397,8 @@ def train_stage(
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = mapping.put_batch(next(data_iter))
+      if step == start + 1:  # logged before the silent compile of the first step
+        compiling = progress.Progress("compiling the train step (the first step)")
       native_state, metrics = train_fn(native_state, batch)
       watch.add(step, metrics["loss"])
       if block_every_step:
@@ -318,6 +406,7 @@ def train_stage(
       interval_steps += 1
       if step == start + 1:  # the first step compiles: keep it out of the throughput figure
         jax.block_until_ready(metrics)
+        compiling.finish(f"compiled the train step and ran step {step}")
         interval_start, interval_steps = time.time(), 0
       if step % config.log_every == 0 or step == config.total_steps:
         watch.check(last_good)
@@ -364,6 +453,7 @@ def train_stage(
   if is_writer:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
+    report.write_training_curves(workdir, HEADLINE_METRICS, errors="log")  # <workdir>/curves.png
   return final
 
 

@@ -58,6 +58,12 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.worker_buffer_size = 2  # batches each worker prepares ahead
   cfg.read_threads = 4  # threads decoding examples of one batch in parallel
   cfg.prefetch = 64  # examples read ahead by those threads
+  # Frozen towers' outputs computed once per record and read instead of recomputed
+  # (mmret/feature_cache.py): 'auto' (whenever the towers are frozen, dropout is 0 and images
+  # are not augmented) | 'on' (an error when those do not hold) | 'off'.
+  cfg.feature_cache = "auto"
+  cfg.feature_cache_dir = ""  # default: <data_dir>/feature_cache
+  cfg.feature_cache_dtype = "float32"  # 'float32' | 'float16' (half the disk)
   return cfg
 
 
@@ -77,7 +83,7 @@ def _derived_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _record_name(source: sources.RecordSource, index: int, record: dict[str, Any]) -> str:
+def record_name(source: sources.RecordSource, index: int, record: dict[str, Any]) -> str:
   return f'{source.dataset}/{source.split}: record {record.get("id", "?")!r} (index {index})'
 
 
@@ -97,6 +103,7 @@ class TrainExample:
       process_index: int,
       process_count: int,
       with_ground_truth: bool,
+      features: Sequence[Any] | None = None,
   ):
     self.sources = list(record_sources)
     self.tokenizer = tokenizer_for(input_cfg)
@@ -109,18 +116,41 @@ class TrainExample:
     self.crop_scale = tuple(input_cfg.augment.crop_scale)
     self.crop_ratio = tuple(input_cfg.augment.crop_ratio)
     self.flip = bool(input_cfg.augment.flip)
+    # Per source, a store of cached frozen-tower outputs (``mmret.feature_cache``) or None.
+    self.features = list(features) if features is not None else [None] * len(self.sources)
+    if len(self.features) != len(self.sources):
+      raise ValueError(f"{len(self.features)} feature stores for {len(self.sources)} sources")
+
+  @property
+  def augments(self) -> bool:
+    """True when examples are randomly cropped or flipped (a record has no one fixed image)."""
+    return self.crop_scale != (1.0, 1.0) or self.flip
 
   def __call__(self, local_index: int, element: tuple[int, int]) -> dict[str, np.ndarray]:
     source_index, record_index = element
     source = self.sources[source_index]
     record = source[record_index]
-    where = _record_name(source, record_index, record)
+    where = record_name(source, record_index, record)
     global_index = local_index * self.process_count + self.process_index
     rng = np.random.default_rng([self.seed, global_index])
 
-    image, labels = self._augmented_image(record, where, rng)
-    caption = self._caption(record, where, rng)
-    example = {"image": np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))}
+    store = self.features[source_index]
+    if store is None:
+      image, labels = self._augmented_image(record, where, rng)
+      example = {"image": np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))}
+    else:  # the tower's outputs for this record's (unaugmented) image stand in for its pixels
+      labels = self._labels(record, where, None) if self.with_ground_truth else None
+      example = store.image_row(record_index)
+    caption_index, caption = self._caption(record, where, rng)
+    example.update(self.text_fields(record, caption, where))
+    if self.with_ground_truth:
+      example["image_labels"] = np.ascontiguousarray(labels)
+    if store is not None:
+      example.update(store.text_row(record_index, caption_index))
+    return example
+
+  def text_fields(self, record, caption: str, where: str) -> dict[str, np.ndarray]:
+    """``text_ids``, ``text_mask`` (and with ground truth ``text_intersection``) of ``caption``."""
     if self.with_ground_truth:
       try:
         ids, mask, token_tags = self.tokenizer.encode_with_word_tags(
@@ -128,27 +158,30 @@ class TrainExample:
         )
       except ValueError as e:
         raise ValueError(f"{where}: caption_tags do not match the caption: {e}") from e
-      example.update(
-          text_ids=ids,
-          text_mask=mask,
-          text_intersection=token_tags,
-          image_labels=np.ascontiguousarray(labels),
-      )
-    else:
-      ids, mask = self.tokenizer.encode([caption], self.max_text_len)
-      example.update(text_ids=ids[0], text_mask=mask[0])
-    return example
+      return {"text_ids": ids, "text_mask": mask, "text_intersection": token_tags}
+    ids, mask = self.tokenizer.encode([caption], self.max_text_len)
+    return {"text_ids": ids[0], "text_mask": mask[0]}
+
+  def plain_image(self, record, where: str) -> np.ndarray:
+    """The record's image as training sees it without augmentation: resized and normalised."""
+    image = preprocess.crop_resize(
+        preprocess.decode_image(record.get("image"), where=where), None, self.image_size
+    )
+    return np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))
+
+  def _labels(self, record, where: str, image_shape) -> np.ndarray:
+    """The record's pixel labels, resized as an unaugmented image (shape-checked when given)."""
+    labels = np.asarray(record["image_labels"], np.uint8)
+    if image_shape is None:  # no image decoded: resized as the unaugmented image would be
+      return preprocess.crop_resize(labels, None, self.image_size, nearest=True)
+    if labels.shape != image_shape:
+      raise ValueError(f"{where}: image_labels shape {labels.shape} != image size {image_shape}")
+    return labels
 
   def _augmented_image(self, record, where: str, rng: np.random.Generator):
     """Decoded, cropped, resized and maybe flipped image (uint8) and its pixel labels."""
     image = preprocess.decode_image(record.get("image"), where=where)
-    labels = None
-    if self.with_ground_truth:
-      labels = np.asarray(record["image_labels"], np.uint8)
-      if labels.shape != image.shape[:2]:
-        raise ValueError(
-            f"{where}: image_labels shape {labels.shape} != image size " f"{image.shape[:2]}"
-        )
+    labels = self._labels(record, where, image.shape[:2]) if self.with_ground_truth else None
     box = None
     if self.crop_scale != (1.0, 1.0):
       box = preprocess.sample_crop_box(
@@ -163,15 +196,23 @@ class TrainExample:
     return image, labels
 
   @staticmethod
-  def _caption(record, where: str, rng: np.random.Generator) -> str:
-    if "caption" in record:
-      return record["caption"]
-    if record.get("captions"):  # 5-caption splits: one caption drawn per visit
-      return record["captions"][int(rng.integers(len(record["captions"])))]
-    raise KeyError(f'{where}: no "caption" or "captions" field (fields: {sorted(record)})')
+  def _caption(record, where: str, rng: np.random.Generator) -> tuple[int, str]:
+    """(index in :func:`captions_of`, caption): 5-caption splits draw one caption per visit."""
+    captions = captions_of(record, where)
+    index = int(rng.integers(len(captions))) if "caption" not in record else 0
+    return index, captions[index]
 
 
-def _open_train_sources(input_cfg) -> tuple[list[sources.RecordSource], list[float]]:
+def captions_of(record, where: str) -> list[str]:
+  """A record's captions: ``[caption]`` or its ``captions`` list."""
+  if "caption" in record:
+    return [record["caption"]]
+  if record.get("captions"):
+    return list(record["captions"])
+  raise KeyError(f'{where}: no "caption" or "captions" field (fields: {sorted(record)})')
+
+
+def open_train_sources(input_cfg) -> tuple[list[sources.RecordSource], list[float]]:
   if not input_cfg.train:
     raise ValueError("input_cfg.train is empty: name at least one {dataset, split, weight}")
   record_sources, weights = [], []
@@ -191,19 +232,28 @@ def _open_train_sources(input_cfg) -> tuple[list[sources.RecordSource], list[flo
   return record_sources, weights
 
 
+def has_ground_truth(record_sources) -> bool:
+  """Ground truth only when every source has it: batch keys must not change along the stream."""
+  return all(set(GROUND_TRUTH_FIELDS) <= s.fields for s in record_sources)
+
+
 def make_train_dataset(
-    input_cfg, *, seed: int, process_index: int = 0, process_count: int = 1
+    input_cfg, *, seed: int, process_index: int = 0, process_count: int = 1, features=None
 ) -> grain.IterDataset:
-  """The training stream of this process as a grain ``IterDataset`` of batches."""
+  """The training stream of this process as a grain ``IterDataset`` of batches.
+
+  ``features``: per training source, a store of its frozen towers' cached outputs
+  (``mmret.feature_cache``), which batches carry instead of the images; the stream's order and
+  state are the same either way.
+  """
   if input_cfg.batch_size % process_count:
     raise ValueError(
         f"batch_size {input_cfg.batch_size} is not divisible by process_count " f"{process_count}"
     )
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  record_sources, weights = _open_train_sources(input_cfg)
-  # Ground truth only when every source has it: batch keys must not change along the stream.
-  with_ground_truth = all(set(GROUND_TRUTH_FIELDS) <= s.fields for s in record_sources)
+  record_sources, weights = open_train_sources(input_cfg)
+  with_ground_truth = has_ground_truth(record_sources)
 
   streams = []
   for source_index, source in enumerate(record_sources):
@@ -218,6 +268,7 @@ def make_train_dataset(
           process_index=process_index,
           process_count=process_count,
           with_ground_truth=with_ground_truth,
+          features=features,
       )
   )
   batches = examples.batch(input_cfg.batch_size // process_count, drop_remainder=True)
@@ -240,12 +291,16 @@ def _tag_source(source_index: int, record_index: int) -> tuple[int, int]:
 
 
 def make_train_iterator(
-    input_cfg, *, seed: int, process_index: int = 0, process_count: int = 1
+    input_cfg, *, seed: int, process_index: int = 0, process_count: int = 1, features=None
 ) -> grain.DatasetIterator:
   """Checkpointable iterator (``get_state``/``set_state``) over this process's batches."""
   return iter(
       make_train_dataset(
-          input_cfg, seed=seed, process_index=process_index, process_count=process_count
+          input_cfg,
+          seed=seed,
+          process_index=process_index,
+          process_count=process_count,
+          features=features,
       )
   )
 
@@ -254,16 +309,16 @@ def make_train_iterator(
 # Evaluation.
 
 
-def _has_image(item) -> bool:
+def has_image(item) -> bool:
   image = item.get("image")
   return image is not None and len(image) > 0
 
 
-def _has_text(item) -> bool:
+def has_text(item) -> bool:
   return bool(item.get("text"))
 
 
-class _ProcessShare:
+class ProcessShare:
   """This process's strided share of ``items``, padded to whole batches with ``None`` slots.
 
   Every process gets the same number of batches, so collective evaluation steps line up.
@@ -300,9 +355,9 @@ class EvalExample:
     example = {"valid": np.bool_(item is not None), "index": np.int32(position)}
     if item is not None:
       where = f'item {position} (id {item.get("id", "?")!r})'
-      if (_has_image(item), _has_text(item)) != (self.with_image, self.with_text):
+      if (has_image(item), has_text(item)) != (self.with_image, self.with_text):
         raise ValueError(
-            f"{where} has image={_has_image(item)}, text={_has_text(item)} but "
+            f"{where} has image={has_image(item)}, text={has_text(item)} but "
             f"item 0 has image={self.with_image}, text={self.with_text}; "
             "group items by modality before batching"
         )
@@ -345,10 +400,10 @@ def eval_batches(
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if len(items) == 0:
     return
-  with_image, with_text = _has_image(items[0]), _has_text(items[0])
+  with_image, with_text = has_image(items[0]), has_text(items[0])
   if not (with_image or with_text):
     raise ValueError(f'item 0 (id {items[0].get("id", "?")!r}) has neither image nor text')
-  share = _ProcessShare(items, batch_size, process_index, process_count)
+  share = ProcessShare(items, batch_size, process_index, process_count)
   dataset = (
       grain.MapDataset.source(share)
       .map(EvalExample(input_cfg, with_image=with_image, with_text=with_text))

@@ -25,6 +25,25 @@ from mmret.models.vit import ViT
 from mmret.ops import l2_normalize
 
 SHARED_OUTPUTS = ("logit_scale", "prototypes")
+# Batch keys holding a frozen tower's cached outputs (``mmret.feature_cache``), which stand in for
+# the pixels / token ids the tower would read: raw tower outputs, before projection and adapter.
+IMAGE_FEATURES = {"pooled": "image_tower_pooled", "tokens": "image_tower_tokens"}
+TEXT_FEATURES = {"pooled": "text_tower_pooled", "tokens": "text_tower_tokens"}
+
+
+def image_input(batch: dict):
+  """What ``encode_image`` reads from ``batch``: its cached tower outputs if it carries them
+  (``{'pooled', 'tokens'}``), else the pixels; None when the batch has no image."""
+  if IMAGE_FEATURES["tokens"] in batch:
+    return {name: batch[key] for name, key in IMAGE_FEATURES.items()}
+  return batch.get("image")
+
+
+def text_input(batch: dict):
+  """What ``encode_text`` reads as text: cached tower outputs or token ids; None without text."""
+  if TEXT_FEATURES["tokens"] in batch:
+    return {name: batch[key] for name, key in TEXT_FEATURES.items()}
+  return batch.get("text_ids")
 
 
 class Adapter(nn.Module):
@@ -108,15 +127,23 @@ class RetrievalModel(nn.Module):
       )
 
   def encode_image(self, image, *, train=False):
-    """Tower pass: dict(image_global=[B,d] unnormalised, image_tokens=[B,P,d])."""
-    out = self.image_tower(image, train=train)
+    """Tower pass: dict(image_global=[B,d] unnormalised, image_tokens=[B,P,d]).
+
+    ``image``: pixels [B,H,W,3], or the tower's cached outputs ``{'pooled', 'tokens'}``
+    (:func:`image_input`), which skip the tower.
+    """
+    out = image if isinstance(image, dict) else self.image_tower(image, train=train)
     return {
         "image_global": self.image_proj(out["pooled"]),
         "image_tokens": self.image_adapter(out["tokens"]),
     }
 
   def encode_text(self, text_ids, text_mask, *, train=False):
-    out = self.text_tower(text_ids, text_mask, train=train)
+    """Like :meth:`encode_image`: ``text_ids`` [B,L] or the cached ``{'pooled', 'tokens'}``."""
+    if isinstance(text_ids, dict):
+      out = text_ids
+    else:
+      out = self.text_tower(text_ids, text_mask, train=train)
     return {
         "text_global": self.text_proj(out["pooled"]),
         "text_tokens": self.text_adapter(out["tokens"]),
@@ -147,11 +174,12 @@ class RetrievalModel(nn.Module):
     out = {"logit_scale": jnp.minimum(self.logit_scale, self.max_logit_scale)}
     if self.num_prototypes:
       out["prototypes"] = l2_normalize(self.prototypes)  # re-normalised at every step
-    has_image, has_text = "image" in batch, "text_ids" in batch
+    image, text = image_input(batch), text_input(batch)
+    has_image, has_text = image is not None, text is not None
     if has_image:
-      out.update(self.encode_image(batch["image"], train=train))
+      out.update(self.encode_image(image, train=train))
     if has_text:
-      out.update(self.encode_text(batch["text_ids"], batch["text_mask"], train=train))
+      out.update(self.encode_text(text, batch["text_mask"], train=train))
       out["text_mask"] = batch["text_mask"]
     if self.unimodal == "joint":
       if has_image:

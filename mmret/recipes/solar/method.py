@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmret import methods
-from mmret.models.retrieval import RetrievalModel
+from mmret.models.retrieval import RetrievalModel, image_input, text_input
 from mmret.recipes.solar import losses, masks as masks_lib, segments, views as views_lib
 
 TOWERS = ("image_tower", "text_tower")
@@ -68,9 +68,9 @@ def tower_pass(model, params, batch, *, train, keys=None, with_globals=True):
   apply = functools.partial(methods.apply_model, model, params, train=train)
   tower_keys = None if keys is None else methods.key_stream(keys, _TOWER_DROPOUT)
   joint_keys = None if keys is None else methods.key_stream(keys, _JOINT_DROPOUT)
-  image = apply(batch["image"], method=RetrievalModel.encode_image, keys=tower_keys)
+  image = apply(image_input(batch), method=RetrievalModel.encode_image, keys=tower_keys)
   text = apply(
-      batch["text_ids"], batch["text_mask"], method=RetrievalModel.encode_text, keys=tower_keys
+      text_input(batch), batch["text_mask"], method=RetrievalModel.encode_text, keys=tower_keys
   )
   outputs = {
       "image_tokens": image["image_tokens"],
@@ -85,7 +85,20 @@ def tower_pass(model, params, batch, *, train, keys=None, with_globals=True):
 
 
 def teacher_pass(model, params, teacher, batch):
-  """Tokens and pooled vectors of the frozen teacher towers (raw tower outputs, no adapter)."""
+  """Tokens and pooled vectors of the frozen teacher towers (raw tower outputs, no adapter).
+
+  A batch carrying cached tower outputs (``mmret.feature_cache``, built only when the towers are
+  frozen, so the teacher, a copy of the towers the stage starts from, equals them) is read instead
+  of a second tower pass.
+  """
+  image, text = image_input(batch), text_input(batch)
+  if isinstance(image, dict) and isinstance(text, dict):
+    return {
+        "teacher_image_tokens": image["tokens"],
+        "teacher_image_global": image["pooled"],
+        "teacher_text_tokens": text["tokens"],
+        "teacher_text_global": text["pooled"],
+    }
   merged = dict(params, **jax.lax.stop_gradient(teacher))
   image = model.apply(
       {"params": merged},
