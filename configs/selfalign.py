@@ -43,7 +43,8 @@ them (the ``world`` tokenizer knows only the embedded world's words), e.g. CLIP'
       --config.input.tokenizer=bpe:/path/to/bpe_simple_vocab_16e6.txt.gz --workdir=/tmp/sa_f30k
 
 Other arguments: data (a prepared Karpathy-format dataset directory; empty = the embedded world),
-fold_size (caption5 fold size; 0 = none).
+fold_size (caption5 fold size; 0 = none), towers (scratch | shipped: frozen ImageNet EfficientNet-Lite0 +
+all-MiniLM-L6-v2 from pip packages, 128 px, MiniLM's vocabulary; pair with world=fashion_*).
 """
 
 import ml_collections
@@ -75,8 +76,12 @@ def get_config(arg=None):
       sum_warmup=100,
       data="",
       fold_size=0,
+      towers="scratch",
   )
   config_lib.check_choice("selfalign", "variant", arg.variant, sorted(VARIANTS))
+  config_lib.check_choice("selfalign", "towers", arg.towers, config_lib.TOWERS)
+  if arg.towers == "shipped":
+    arg.size = config_lib.SHIPPED_SIZE
   if not 0 <= arg.sum_warmup < arg.steps:
     raise ValueError(f"sum_warmup={arg.sum_warmup} must be in [0, steps={arg.steps})")
   concept, context = VARIANTS[arg.variant]
@@ -92,6 +97,8 @@ def get_config(arg=None):
   config.model.joint_kind = "fusion"  # independent towers: nothing joint at retrieval time
   config.model.unimodal = "tower"
   config.model.num_prototypes = (64 if tiny else 1024) if concept else 0
+  if arg.towers == "shipped":
+    config_lib.use_shipped_towers(config)
 
   config.method = ml_collections.ConfigDict(
       dict(

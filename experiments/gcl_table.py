@@ -27,7 +27,10 @@ from experiments import table
 from mmret import train
 from mmret.data import world
 
-VARIANTS = ("init", "cl", "pairwise", "gcl")
+VARIANTS = ("init", "cl", "pairwise", "gcl", "gcl_drop")
+DEFAULT_VARIANTS = ("init", "cl", "pairwise", "gcl")
+# Fine-tuning loss of each variant; gcl_drop is GCL with drop_other_positive.
+LOSS_OF = {"init": "gcl", "cl": "cl", "pairwise": "pairwise", "gcl": "gcl", "gcl_drop": "gcl"}
 # Modality-gap columns: evaluation name -> pairs of modalities.
 GAP_EVALS = ("gap_universal", "gap_train")
 GAP_PAIRS = ("i-t", "i-it", "t-it")
@@ -45,14 +48,15 @@ def config_arg(
     lr: float,
     temperature: float,
     drop_other_positive: bool,
+    towers: str = "scratch",
 ) -> str:
   """The configs/gcl.py argument string of ``variant`` (init uses gcl's, only its first stage)."""
-  loss = "gcl" if variant == "init" else variant
+  loss = LOSS_OF[variant]
   arg = (
       f"size={size},world={world_name},loss={loss},fusion={fusion},steps={steps},"
-      f"pretrain_steps={pretrain_steps},lr={lr},temperature={temperature}"
+      f"pretrain_steps={pretrain_steps},lr={lr},temperature={temperature},towers={towers}"
   )
-  if loss == "gcl" and drop_other_positive:
+  if loss == "gcl" and (drop_other_positive or variant == "gcl_drop"):
     arg += ",drop_other_positive=true"
   return arg
 
@@ -135,13 +139,38 @@ def summarise(results, columns) -> dict:
   return out
 
 
+def paired_differences(results) -> list[str]:
+  """Per-seed differences of each fine-tuned variant against ``cl`` (same seed, same init):
+  mean ± std over seeds of the local and global averages, as Markdown lines."""
+  if "cl" not in results:
+    return []
+  lines = [
+      "Paired with CL (same seed and pretrained start), mean ± std over seeds of the difference:",
+      "",
+  ]
+  for variant in results:
+    if variant in ("init", "cl"):
+      continue
+    cells = []
+    for name, key in (
+        ("local avg", "eval/universal/local/average"),
+        ("global avg", "eval/universal/global/average"),
+    ):
+      diff = np.asarray([a[key] - b[key] for a, b in zip(results[variant], results["cl"])])
+      std = diff.std(ddof=1) if len(diff) > 1 else 0.0
+      cells.append(f"{name} {diff.mean():+.2f} ± {std:.2f}")
+    lines.append(f"- {variant} − cl: " + ", ".join(cells))
+  return lines
+
+
 def write_tables(workdir: str, results, *, args: dict, seeds, wall_s: float) -> str:
   """Writes gcl_table.md and gcl_table.json; returns the Markdown."""
   tasks = task_order(results)
   retrieval, gap = retrieval_columns(tasks), gap_columns()
   markdown = "\n".join(
       [
-          f"GCL analog ({args['size']} model, mmret_world/{args['world']}, fusion={args['fusion']}, "
+          f"GCL analog ({args['size']} model, {args.get('towers', 'scratch')} towers, "
+          f"mmret_world/{args['world']}, fusion={args['fusion']}, "
           f"{args['pretrain_steps']} pretraining + {args['steps']} fine-tuning steps, "
           f"seeds {','.join(map(str, seeds))}; mean ± std over seeds).",
           "",
@@ -153,6 +182,8 @@ def write_tables(workdir: str, results, *, args: dict, seeds, wall_s: float) -> 
           "(init = before fine-tuning):",
           "",
           table.markdown_table(results, gap),
+          "",
+          *paired_differences(results),
       ]
   )
   with open(os.path.join(workdir, "gcl_table.md"), "w") as f:
@@ -199,7 +230,7 @@ def enable_compilation_cache(directory: str):
 
 
 def run_table(
-    workdir: str, seeds, *, variants=VARIANTS, data_dir=None, overrides=None, **arg_fields
+    workdir: str, seeds, *, variants=DEFAULT_VARIANTS, data_dir=None, overrides=None, **arg_fields
 ) -> str:
   """Trains and evaluates ``variants`` for every seed; writes and returns the Markdown table.
 
@@ -251,6 +282,15 @@ def define_flags() -> dict:
           "drop_other_positive", False, "GCL without the anchor's third modality in denominators."
       ),
       data_dir=flags.DEFINE_string("data_dir", None, "Dataset directory (default: the config's)."),
+      towers=flags.DEFINE_enum(
+          "towers",
+          "scratch",
+          ["scratch", "shipped"],
+          "'shipped': frozen EfficientNet-Lite0 + MiniLM towers (configs/gcl.py's towers=shipped)",
+      ),
+      variants=flags.DEFINE_list(
+          "variants", list(DEFAULT_VARIANTS), f"Rows, starting with init; known: {VARIANTS}."
+      ),
   )
 
 

@@ -30,6 +30,9 @@ flags.DEFINE_integer("sum_warmup", 100, "Steps of the sum-over-negatives first s
 flags.DEFINE_string("size", "tiny", "Model size.")
 flags.DEFINE_string("world", "tiny", "Embedded world size.")
 flags.DEFINE_string("data_dir", None, "Dataset directory (default: the input config's).")
+flags.DEFINE_enum(
+    "towers", "scratch", ["scratch", "shipped"], "'shipped': frozen EfficientNet-Lite0 + MiniLM."
+)
 
 VARIANT_NAMES = {
     "base": "base (VSE++)",
@@ -52,14 +55,21 @@ GLOBAL_SCORED = "global_scored.json"
 
 
 def variant_configs(
-    *, steps: int, sum_warmup: int, size: str = "tiny", world: str = "tiny", data_dir=None
+    *,
+    steps: int,
+    sum_warmup: int,
+    size: str = "tiny",
+    world: str = "tiny",
+    data_dir=None,
+    towers: str = "scratch",
 ) -> dict:
   """{variant: make_config(seed)} for the four variants (runs in ``workdir/<variant>/seed<k>``)."""
 
   def maker(variant):
     def make_config(seed):
       config = selfalign.get_config(
-          f"size={size},world={world},variant={variant},steps={steps}," f"sum_warmup={sum_warmup}"
+          f"size={size},world={world},variant={variant},steps={steps},"
+          f"sum_warmup={sum_warmup},towers={towers}"
       )
       config.seed = seed
       if data_dir:
@@ -143,6 +153,7 @@ def main(argv):
       size=FLAGS.size,
       world=FLAGS.world,
       data_dir=FLAGS.data_dir,
+      towers=FLAGS.towers,
   )
   results = table.run_variants(variants, seeds, FLAGS.workdir)
   for variant, runs in results.items():
@@ -156,6 +167,7 @@ def main(argv):
       f"python -m experiments.selfalign_table --workdir={FLAGS.workdir} "
       f"--seeds={','.join(map(str, seeds))} --steps={FLAGS.steps} "
       f"--sum_warmup={FLAGS.sum_warmup} --size={FLAGS.size} --world={FLAGS.world}"
+      + (f" --towers={FLAGS.towers}" if FLAGS.towers != "scratch" else "")
   )
   print(
       write_table(results, FLAGS.workdir, command=command, seconds=time.time() - start, seeds=seeds)
