@@ -148,7 +148,7 @@ def get_config(arg=None):
           segment_method=arg.segments,
           patch_label_fraction=0.25,
       ),
-      loss=dict(temperature=0.05, symmetric=True),
+      loss=dict(temperature=0.05, symmetric=True, impl="dense", block_size=512),
       evals={},
   )
   mm2mm = dict(type="mm2mm", dataset=world, split=arg.eval_split, batch_size=64, every=0)

@@ -157,7 +157,9 @@ def base_config(
   config.model = model_config(size)
   config.optim = optim_config(lr=1e-3 if size == "tiny" else 5e-4, warmup_steps=50)
   config.method = ml_collections.ConfigDict({"name": "contrastive"})
-  config.loss = ml_collections.ConfigDict({"name": "clip"})
+  # impl: 'dense' (the [N, N] logits), 'chunked' or 'ring' (blockwise, flat memory;
+  # mmret/losses/chunked.py) with column blocks of block_size.
+  config.loss = ml_collections.ConfigDict({"name": "clip", "impl": "dense", "block_size": 512})
   config.evals = ml_collections.ConfigDict()
   return config
 

@@ -18,6 +18,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
+from mmret.losses import chunked
 from mmret.losses.common import cross_entropy, gather, local_labels, temperature_scale
 
 MODALITY_KEYS = ("z_image", "z_text", "z_joint")
@@ -35,6 +36,8 @@ def gcl_loss(
     temperature=None,
     drop_other_positive=False,
     keys=MODALITY_KEYS,
+    impl="dense",
+    block_size=chunked.DEFAULT_BLOCK_SIZE,
 ):
   """GCL: mean over local anchors and the six positive pairs of a 3N-way softmax cross-entropy.
 
@@ -50,11 +53,24 @@ def gcl_loss(
     temperature: fixed softmax temperature; default: the model's learnable ``logit_scale``.
     drop_other_positive: also exclude the third same-sample modality from each denominator.
     keys: output names of the modalities (default image, text, joint).
+    impl: ``"dense"`` builds the [B, M*N] logits; ``"chunked"`` / ``"ring"`` compute the same loss
+      ``block_size`` columns at a time (``mmret.losses.chunked``).
+    block_size: columns per block of the chunked and ring losses.
   """
   del batch
+  chunked.check_impl(impl, block_size)
   local = [outputs[k] for k in keys]
   n_mod, local_batch = len(keys), local[0].shape[0]
   scale = temperature_scale(outputs, temperature)
+  if impl != "dense":
+    return chunked.gcl_loss(
+        local,
+        scale,
+        drop_other_positive=drop_other_positive,
+        impl=impl,
+        block_size=block_size,
+        axis_name=axis_name,
+    )
   everyone = jnp.concatenate([gather(z, axis_name) for z in local], axis=0)  # [M*N, d]
   n_global = everyone.shape[0] // n_mod
   own = local_labels(local_batch, axis_name)  # column of each local row's sample within a block
@@ -78,21 +94,40 @@ def gcl_loss(
   return loss, {"acc_same_sample": jnp.mean(jnp.stack(hits)), "scale": scale}
 
 
-def pairwise_loss(outputs, batch, *, axis_name=None, temperature=None, keys=MODALITY_KEYS):
+def pairwise_loss(
+    outputs,
+    batch,
+    *,
+    axis_name=None,
+    temperature=None,
+    keys=MODALITY_KEYS,
+    impl="dense",
+    block_size=chunked.DEFAULT_BLOCK_SIZE,
+):
   """Mean of the six pairwise InfoNCE terms a->b, each a softmax over the N samples of modality b.
 
   Arguments as in :func:`gcl_loss`. Metrics hold each term as ``loss_<a>2<b>`` with the short
   modality names i, t, it.
   """
   del batch
+  chunked.check_impl(impl, block_size)
   local = [outputs[k] for k in keys]
-  gathered = [gather(z, axis_name) for z in local]
   scale = temperature_scale(outputs, temperature)
-  labels = local_labels(local[0].shape[0], axis_name)
   metrics = {"scale": scale}
   losses = []
+  if impl != "dense":
+    terms = chunked.pairwise_losses(
+        local, scale, impl=impl, block_size=block_size, axis_name=axis_name
+    )
+  else:
+    gathered = [gather(z, axis_name) for z in local]
+    labels = local_labels(local[0].shape[0], axis_name)
+    terms = {
+        (a, b): cross_entropy(scale * local[a] @ gathered[b].T, labels)
+        for a, b in _ordered_pairs(len(keys))
+    }
   for a, b in _ordered_pairs(len(keys)):
-    term = cross_entropy(scale * local[a] @ gathered[b].T, labels)
+    term = terms[(a, b)]
     metrics[f"loss_{_short(keys[a])}2{_short(keys[b])}"] = term
     losses.append(term)
   return jnp.mean(jnp.stack(losses)), metrics

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from mmret.losses import chunked
 from mmret.losses.common import gather, local_labels
 
 
@@ -16,16 +17,38 @@ def _hinge_per_anchor(scores, own, margin, max_violation):
 
 
 def vsepp_loss(
-    outputs, batch, *, axis_name=None, margin=0.2, max_violation=True, a="z_image", b="z_text"
+    outputs,
+    batch,
+    *,
+    axis_name=None,
+    margin=0.2,
+    max_violation=True,
+    a="z_image",
+    b="z_text",
+    impl="dense",
+    block_size=chunked.DEFAULT_BLOCK_SIZE,
 ):
   """VSE++ hinge loss, both directions, negatives = all other samples across devices.
 
   Per anchor: [margin + s(anchor, negative) - s(anchor, positive)]_+ on the hardest negative
   (``max_violation=True``) or summed over all negatives (``False``, the VSE0 variant). The loss is
   the mean over anchors of a->b plus the mean over anchors of b->a (VSE++'s sum divided by N).
+  ``impl``: ``"dense"`` builds the [B, N] scores; ``"chunked"`` / ``"ring"`` keep a running hardest
+  negative (or hinge sum) over ``block_size`` columns at a time (``mmret.losses.chunked``).
   """
   del batch
+  chunked.check_impl(impl, block_size)
   za, zb = outputs[a], outputs[b]
+  if impl != "dense":
+    return chunked.vsepp_loss(
+        za,
+        zb,
+        margin=margin,
+        max_violation=max_violation,
+        impl=impl,
+        block_size=block_size,
+        axis_name=axis_name,
+    )
   own = local_labels(za.shape[0], axis_name)
   scores_ab = za @ gather(zb, axis_name).T
   scores_ba = zb @ gather(za, axis_name).T

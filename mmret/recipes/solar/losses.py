@@ -10,6 +10,7 @@ devices equals the single-device value on the global batch.
 import jax
 import jax.numpy as jnp
 
+from mmret.losses import chunked
 from mmret.losses.common import gather, global_mean, local_labels, mean_over_valid
 from mmret.losses.contrastive import clip_loss, multi_positive_infonce
 from mmret.ops import l2_normalize
@@ -251,6 +252,8 @@ def stage2_contrastive_loss(
     temperature=0.05,
     symmetric=True,
     axis_name=None,
+    impl="dense",
+    block_size=chunked.DEFAULT_BLOCK_SIZE,
 ):
   """Multi-positive InfoNCE over the joint embeddings of each sample's three views.
 
@@ -262,7 +265,23 @@ def stage2_contrastive_loss(
 
   Args:
     f_anchor, f_positive, f_negative: [B,d] joint embeddings. has_positive, has_negative: [B] bool.
+    impl, block_size: ``"dense"`` builds the [B, 3N] masks and logits; ``"chunked"`` / ``"ring"``
+      the same loss ``block_size`` candidates at a time (``mmret.losses.chunked``).
   """
+  chunked.check_impl(impl, block_size)
+  if impl != "dense":
+    return _stage2_blockwise(
+        f_anchor,
+        f_positive,
+        f_negative,
+        has_positive,
+        has_negative,
+        temperature=temperature,
+        symmetric=symmetric,
+        axis_name=axis_name,
+        impl=impl,
+        block_size=block_size,
+    )
   batch = f_anchor.shape[0]
   candidates = jnp.concatenate([gather(f, axis_name) for f in (f_anchor, f_positive, f_negative)])
   n_global = candidates.shape[0] // 3
@@ -289,12 +308,58 @@ def stage2_contrastive_loss(
   return mean_over_valid(losses, valid, axis_name)
 
 
-def stage2_loss(outputs, batch, *, axis_name=None, temperature=0.05, symmetric=True):
+def _stage2_blockwise(
+    f_anchor, f_positive, f_negative, has_positive, has_negative, *, symmetric, **kwargs
+):
+  """:func:`stage2_contrastive_loss` with its masks written per block of (anchors, candidates)."""
+  own = local_labels(f_anchor.shape[0], axis_name=kwargs["axis_name"])
+  anchors, positive_view = [f_anchor], [jnp.ones_like(own)]
+  if symmetric:  # the positive views anchor too, with the original as their positive
+    anchors.append(f_positive)
+    positive_view.append(jnp.zeros_like(own))
+  n = len(anchors)
+  anchor_info = {
+      "sample": jnp.tile(own, n),
+      "positive_view": jnp.concatenate(positive_view),
+      "has_positive": jnp.tile(has_positive, n),
+      "has_negative": jnp.tile(has_negative, n),
+  }
+
+  def masks(row, col):
+    same = col["sample"][None, :] == row["sample"][:, None]
+    view = col["piece"][None, :]
+    positive = same & (view == row["positive_view"][:, None]) & row["has_positive"][:, None]
+    others = ~same & col["valid"][None, :]
+    own_negative = same & (view == 2) & row["has_negative"][:, None]
+    return positive, others | own_negative
+
+  losses, valid = chunked.multi_positive_infonce(
+      jnp.concatenate(anchors),
+      (f_anchor, f_positive, f_negative),
+      masks,
+      anchor_info=anchor_info,
+      candidate_info={"valid": [jnp.ones_like(has_positive), has_positive, has_negative]},
+      **kwargs,
+  )
+  return mean_over_valid(losses, valid, kwargs["axis_name"])
+
+
+def stage2_loss(
+    outputs,
+    batch,
+    *,
+    axis_name=None,
+    temperature=0.05,
+    symmetric=True,
+    impl="dense",
+    block_size=chunked.DEFAULT_BLOCK_SIZE,
+):
   """Stage 2: :func:`stage2_contrastive_loss` over the stage-2 forward's view embeddings.
 
   Reads ``z_anchor``, ``z_positive``, ``z_negative`` [B,d] (the joint embeddings of each sample's
   original, positive and hard-negative views), ``has_positive`` / ``has_negative`` [B], the keep
-  masks of the views and the thresholds the views came from (reported as metrics).
+  masks of the views and the thresholds the views came from (reported as metrics). ``impl`` and
+  ``block_size`` (``config.loss.impl``: dense | chunked | ring) pick how the loss is computed.
   """
   del batch
   f_anchor, f_positive = outputs["z_anchor"], outputs["z_positive"]
@@ -309,6 +374,8 @@ def stage2_loss(outputs, batch, *, axis_name=None, temperature=0.05, symmetric=T
       temperature=temperature,
       symmetric=symmetric,
       axis_name=axis_name,
+      impl=impl,
+      block_size=block_size,
   )
   text_mask = outputs["text_mask"]
   metrics = {
