@@ -13,6 +13,7 @@ from mmret import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", world="tiny", steps=600, evals=True)
   config = config_lib.base_config(size=arg.size, world=arg.world, steps=arg.steps)
+  config_lib.contrastive_loss_impl(config.loss)
   if arg.evals:
     world = f"mmret_world/{arg.world}"
     # Image <-> text with 5 captions per image, and the mixed-modality (M-BEIR-style) tasks.

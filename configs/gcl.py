@@ -89,6 +89,7 @@ def get_config(arg=None):
 
   # The dual-encoder recipe; its numbers are the pretraining stage's.
   config = config_lib.base_config(size=arg.size, world=arg.world, steps=arg.pretrain_steps)
+  config_lib.contrastive_loss_impl(config.loss)
   config.model.joint_kind = arg.fusion
   if arg.towers == "shipped":
     config_lib.use_shipped_towers(config)

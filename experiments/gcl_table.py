@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 from configs import gcl
 from experiments import table
-from mmret import train
+from mmret import config_lib, train
 from mmret.data import world
 
 VARIANTS = ("init", "cl", "pairwise", "gcl", "gcl_drop")
@@ -139,6 +139,11 @@ def summarise(results, columns) -> dict:
   return out
 
 
+def model_name(args: dict) -> str:
+  """The model size the runs used (towers=shipped fixes it)."""
+  return config_lib.SHIPPED_SIZE if args.get("towers") == "shipped" else args["size"]
+
+
 def paired_differences(results) -> list[str]:
   """Per-seed differences of each fine-tuned variant against ``cl`` (same seed, same init):
   mean ± std over seeds of the local and global averages, as Markdown lines."""
@@ -169,7 +174,7 @@ def write_tables(workdir: str, results, *, args: dict, seeds, wall_s: float) -> 
   retrieval, gap = retrieval_columns(tasks), gap_columns()
   markdown = "\n".join(
       [
-          f"GCL analog ({args['size']} model, {args.get('towers', 'scratch')} towers, "
+          f"GCL analog ({model_name(args)} model, {args.get('towers', 'scratch')} towers, "
           f"mmret_world/{args['world']}, fusion={args['fusion']}, "
           f"{args['pretrain_steps']} pretraining + {args['steps']} fine-tuning steps, "
           f"seeds {','.join(map(str, seeds))}; mean ± std over seeds).",

@@ -23,16 +23,22 @@ from mmret.evals import runner
 from mmret.recipes.selfalign import method as selfalign_method
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for the runs and the table.", required=True)
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (at least 3 for the table).")
-flags.DEFINE_integer("steps", 150, "Training steps per run (both stages).")
-flags.DEFINE_integer("sum_warmup", 100, "Steps of the sum-over-negatives first stage.")
-flags.DEFINE_string("size", "tiny", "Model size.")
-flags.DEFINE_string("world", "tiny", "Embedded world size.")
-flags.DEFINE_string("data_dir", None, "Dataset directory (default: the input config's).")
-flags.DEFINE_enum(
-    "towers", "scratch", ["scratch", "shipped"], "'shipped': frozen EfficientNet-Lite0 + MiniLM."
-)
+
+
+def define_flags():
+  """The command-line flags, defined only when this module is the program (other modules define
+  flags of the same names, and absl refuses a name defined twice in one process)."""
+  flags.DEFINE_string("workdir", None, "Directory for the runs and the table.", required=True)
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (at least 3 for the table).")
+  flags.DEFINE_integer("steps", 150, "Training steps per run (both stages).")
+  flags.DEFINE_integer("sum_warmup", 100, "Steps of the sum-over-negatives first stage.")
+  flags.DEFINE_string("size", "tiny", "Model size.")
+  flags.DEFINE_string("world", "tiny", "Embedded world size.")
+  flags.DEFINE_string("data_dir", None, "Dataset directory (default: the input config's).")
+  flags.DEFINE_enum(
+      "towers", "scratch", ["scratch", "shipped"], "'shipped': frozen EfficientNet-Lite0 + MiniLM."
+  )
+
 
 VARIANT_NAMES = {
     "base": "base (VSE++)",
@@ -175,4 +181,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -128,6 +128,9 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
           clip_norm=1.0,
           freeze="",  # regex over parameter paths; matches get no updates
           lr_mults=(),  # ((regex, multiplier), ...)
+          # GradCache (mmret.gradcache): the full-batch gradient from this many micro-batches per
+          # device, for per-example forwards (contrastive, selfalign); 1 = off.
+          microbatches=1,
       )
   )
   cfg.update(overrides)
@@ -157,11 +160,18 @@ def base_config(
   config.model = model_config(size)
   config.optim = optim_config(lr=1e-3 if size == "tiny" else 5e-4, warmup_steps=50)
   config.method = ml_collections.ConfigDict({"name": "contrastive"})
-  # impl: 'dense' (the [N, N] logits), 'chunked' or 'ring' (blockwise, flat memory;
-  # mmret/losses/chunked.py) with column blocks of block_size.
-  config.loss = ml_collections.ConfigDict({"name": "clip", "impl": "dense", "block_size": 512})
+  config.loss = ml_collections.ConfigDict({"name": "clip"})
   config.evals = ml_collections.ConfigDict()
   return config
+
+
+def contrastive_loss_impl(loss_cfg, impl: str = "dense", block_size: int = 512):
+  """Declares ``impl`` ('dense': the [N, N] logits; 'chunked' / 'ring': blockwise, flat memory,
+  mmret/losses/chunked.py) and ``block_size`` in a loss config whose losses take them (clip, gcl,
+  pairwise, vsepp, SOLAR stage 2), so ``--config.loss.impl=chunked`` overrides them."""
+  loss_cfg.impl = impl
+  loss_cfg.block_size = block_size
+  return loss_cfg
 
 
 def check_choice(recipe: str, name: str, value, choices):

@@ -44,12 +44,17 @@ class Method:
   ``config.method`` but its name; ``init_frozen(model, params, **hparams)`` returns what the state
   keeps frozen. ``loss``: the loss the method trains with (SOLAR's stages, SelfAlign), whose
   hyper-parameters are ``config.loss``; None when ``config.loss.name`` picks a registered loss.
+  ``per_example_forward``: each example's training outputs depend on that example alone (and the
+  parameters), and the forward takes ``example_index`` ([B] indices of the examples in the global
+  batch, for their keys): GradCache (``optim.microbatches`` > 1, ``mmret.gradcache``) may run it
+  on micro-batches. False for forwards that couple the batch (SOLAR fits masks across it).
   """
 
   make_forward: Callable[..., ForwardFn]
   make_predict: Callable[..., PredictFn]
   init_frozen: Callable[..., Any] = no_frozen
   loss: Optional[Callable[..., tuple]] = None
+  per_example_forward: bool = False
 
 
 def batch_size(batch: dict) -> int:
@@ -61,9 +66,14 @@ def model_inputs(batch: dict) -> dict:
   return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def example_keys(rng, local_batch: int, *, axis_name=None):
-  """One PRNG key per local example, folded from its index in the global batch: [B, ...]."""
-  index = global_offset(local_batch, axis_name) + jax.numpy.arange(local_batch)
+def example_keys(rng, local_batch: int, *, axis_name=None, index=None):
+  """One PRNG key per local example, folded from its index in the global batch: [B, ...].
+
+  ``index`` [B]: the examples' global indices when the local batch is a part of the device's
+  batch (a GradCache micro-batch); by default this device's slice of the global batch.
+  """
+  if index is None:
+    index = global_offset(local_batch, axis_name) + jax.numpy.arange(local_batch)
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
 
 
@@ -113,9 +123,9 @@ def _contrastive_forward(model, **hparams):
   if hparams:
     raise TypeError(f"the contrastive method takes no hyper-parameters, got {sorted(hparams)}")
 
-  def forward(params, frozen, batch, *, rng, step, axis_name=None):
+  def forward(params, frozen, batch, *, rng, step, axis_name=None, example_index=None):
     del frozen, step
-    keys = example_keys(rng, batch_size(batch), axis_name=axis_name)
+    keys = example_keys(rng, batch_size(batch), axis_name=axis_name, index=example_index)
     return apply_model(model, params, model_inputs(batch), train=True, keys=keys)
 
   return forward
@@ -131,4 +141,6 @@ def _contrastive_predict(model, **hparams):
 
 
 # The plain recipe: the model's outputs go straight to the loss named by config.loss.name.
-CONTRASTIVE = Method(make_forward=_contrastive_forward, make_predict=_contrastive_predict)
+CONTRASTIVE = Method(
+    make_forward=_contrastive_forward, make_predict=_contrastive_predict, per_example_forward=True
+)

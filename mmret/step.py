@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmret import optim
+from mmret import gradcache, optim
 
 AXIS = "batch"
 MAPPINGS = ("pmap", "shard_map")
@@ -31,7 +31,16 @@ class TrainState:
 
 
 def train_step(
-    state: TrainState, batch, *, forward, loss_fn, tx, lr_schedule, axis_name=None, frozen_mask=None
+    state: TrainState,
+    batch,
+    *,
+    forward,
+    loss_fn,
+    tx,
+    lr_schedule,
+    axis_name=None,
+    frozen_mask=None,
+    microbatches=1,
 ):
   """One optimisation step on this device's batch; returns (new state, metrics).
 
@@ -40,6 +49,8 @@ def train_step(
   ``frozen_mask`` (``optim.frozen_mask``): parameters whose gradient is never computed.
   The step's key is the same on every device: methods fold in each example's global index where
   examples need their own randomness, so the step does not depend on the device count.
+  ``microbatches`` > 1: the same gradient from that many micro-batches (``mmret.gradcache``;
+  the forward must be per-example), with one micro-batch's activations held at a time.
   """
   rng = jax.random.fold_in(state.rng, state.step)
 
@@ -51,7 +62,21 @@ def train_step(
     outputs = forward(params, state.frozen, batch, rng=rng, step=state.step, axis_name=axis_name)
     return loss_fn(outputs, batch, axis_name=axis_name)
 
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  if microbatches > 1:
+    (loss, metrics), grads = gradcache.value_and_grad(
+        state.params,
+        state.frozen,
+        batch,
+        forward=forward,
+        loss_fn=loss_fn,
+        microbatches=microbatches,
+        rng=rng,
+        step=state.step,
+        axis_name=axis_name,
+        frozen_mask=frozen_mask,
+    )
+  else:
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   metrics = dict(metrics, loss=loss)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)

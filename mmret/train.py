@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import faults, feature_cache, metrics_writer, optim, registry
+from mmret import faults, feature_cache, gradcache, metrics_writer, optim, registry
 from mmret import lora as lora_lib
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
@@ -142,6 +142,9 @@ class Setup:
       self.predict = self._on_merged(self.predict, self.merge_lora)
     self.method_hparams = method_hparams
     self.loss_fn = loss_function(config)
+    self.microbatches = gradcache.check(
+        config.optim.get("microbatches", 1), self.method, config.method.name
+    )
 
   # Folded into the seed's key for the LoRA factors (the model's init uses the seed's key itself).
   _LORA_KEY = 0x10A
@@ -185,6 +188,7 @@ class Setup:
         tx=self.tx,
         lr_schedule=self.lr,
         frozen_mask=self.frozen_mask,
+        microbatches=self.microbatches,
     )
 
   def init_state(self, config, mapping, params=None):

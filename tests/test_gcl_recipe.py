@@ -45,6 +45,8 @@ def test_config_options_reach_the_finetuning_loss():
       "name": "gcl",
       "drop_other_positive": True,
       "temperature": 0.05,
+      "impl": "dense",
+      "block_size": 512,
   }
   assert not gcl.get_config("evals=false").evals
 

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,8 +163,10 @@ def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path, data_dir,
   config.total_steps = 20
   config.optim.lr, config.optim.warmup_steps = 0.02, 1
   config.evals = {}
-  config.loss.name = "test_nan_after_scale_moves"
-  config.loss.tolerance = 0.005  # NaN from the step after the temperature first moves
+  # NaN from the step after the temperature first moves.
+  config.loss = ml_collections.ConfigDict(
+      {"name": "test_nan_after_scale_moves", "tolerance": 0.005}
+  )
   with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step (\d+)") as err:
     train.run(config, str(tmp_path))
   bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])

@@ -99,9 +99,11 @@ def make_forward(model, *, similarity="final", pooling_temperature=0.1):
   _check_hparams(similarity, pooling_temperature)
   _check_model(model)
 
-  def forward(params, frozen, batch, *, rng, step, axis_name=None):
+  def forward(params, frozen, batch, *, rng, step, axis_name=None, example_index=None):
     del frozen, step
-    keys = methods.example_keys(rng, methods.batch_size(batch), axis_name=axis_name)
+    keys = methods.example_keys(
+        rng, methods.batch_size(batch), axis_name=axis_name, index=example_index
+    )
     outputs = methods.apply_model(model, params, methods.model_inputs(batch), train=True, keys=keys)
     missing = [key for key in TRAIN_KEYS if key not in outputs]
     if missing:
@@ -151,5 +153,8 @@ def make_predict(model, *, similarity="final", pooling_temperature=0.1):
 
 
 SELFALIGN = methods.Method(
-    make_forward=make_forward, make_predict=make_predict, loss=losses.selfalign_loss
+    make_forward=make_forward,
+    make_predict=make_predict,
+    loss=losses.selfalign_loss,
+    per_example_forward=True,  # the towers run each example alone; only the loss couples them
 )
