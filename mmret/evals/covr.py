@@ -21,7 +21,6 @@ frame embeddings [F, d] to one vector [d] (renormalised afterwards).
 """
 
 import collections.abc
-import dataclasses
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -31,13 +30,12 @@ from mmret.evals.evaluator import QUERIES_CANDIDATES, Evaluator
 
 # Record reading, embedding, search and ranking as the other query/candidate protocols do them.
 from mmret.evals.protocols import (
-    _drop_self,
     _Embedder,
     _positions,
     _ranked_lists,
     _read_fields,
     _scann_metrics,
-    _search,
+    search_excluding,
     _text,
     write_rankings,
 )
@@ -192,15 +190,14 @@ def evaluate_covr(
   self_position = np.asarray(
       [candidate_position.get(r, -1) if exclude_reference else -1 for r in q["reference_id"]]
   )
-  # One more neighbour when some query may find (and drop) its reference video.
-  extra = int((self_position >= 0).any())
-  top = min(max(ks), len(c["id"]) - extra)
-  if top < 1:
-    raise ValueError("covr: the pool has no candidates besides the reference videos")
-  result = _search(query_z, candidate_z, top + extra, search)
-  if extra:
-    indices, scores = _drop_self(result.indices, result.scores, self_position, top)
-    result = dataclasses.replace(result, indices=indices, scores=scores)
+  result, searched = search_excluding(
+      query_z,
+      candidate_z,
+      self_position,
+      max(ks),
+      search,
+      empty_error="covr: the pool has no candidates besides the reference videos",
+  )
   if save_rankings:
     write_rankings(
         workdir,
@@ -213,7 +210,7 @@ def evaluate_covr(
   )
   results = {f"recall@{k}": value for k, value in metrics_lib.recall_at_ks(ranks, ks).items()}
   results["mR"] = float(np.mean([results[f"recall@{k}"] for k in ks]))
-  results.update(_scann_metrics(result, "", top + extra))
+  results.update(_scann_metrics(result, "", searched))
   return results
 
 

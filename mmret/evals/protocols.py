@@ -430,6 +430,24 @@ def evaluate_retrieval(
 # mm2mm: SOLAR's triplet protocol in a pool of image+text pairs.
 
 
+def search_excluding(query_z, candidate_z, self_position, k: int, search, *, empty_error: str):
+  """Top-``k`` search in which query i never finds candidate ``self_position[i]`` (-1: none).
+
+  Returns (result, the number of neighbours searched: ``k``, or one more when a query may find
+  its own candidate and drop it).
+  """
+  # One more neighbour when some query may find (and drop) its own candidate.
+  extra = int((self_position >= 0).any())
+  top = min(k, len(candidate_z) - extra)
+  if top < 1:
+    raise ValueError(empty_error)
+  result = _search(query_z, candidate_z, top + extra, search)
+  if extra:
+    indices, scores = _drop_self(result.indices, result.scores, self_position, top)
+    result = dataclasses.replace(result, indices=indices, scores=scores)
+  return result, top + extra
+
+
 def _drop_self(indices: np.ndarray, scores: np.ndarray, self_position: np.ndarray, k: int):
   """Removes each query's own candidate (if present) from its ranked list and keeps k entries."""
   kept_indices = np.empty((indices.shape[0], k), np.int64)
@@ -479,15 +497,14 @@ def evaluate_mm2mm(
   self_position = np.asarray(
       [candidate_position.get(i, -1) if exclude_self else -1 for i in q["id"]]
   )
-  # One more neighbour when some anchor may find (and drop) its own copy.
-  extra = int((self_position >= 0).any())
-  top = min(max(ks), len(c["id"]) - extra)
-  if top < 1:
-    raise ValueError("the mm2mm pool has no candidates besides the anchors themselves")
-  result = _search(query_z, candidate_z, top + extra, search)
-  if extra:
-    indices, scores = _drop_self(result.indices, result.scores, self_position, top)
-    result = dataclasses.replace(result, indices=indices, scores=scores)
+  result, searched = search_excluding(
+      query_z,
+      candidate_z,
+      self_position,
+      max(ks),
+      search,
+      empty_error="the mm2mm pool has no candidates besides the anchors themselves",
+  )
   ranked = result.indices
   if save_rankings:
     write_rankings(workdir, "rankings.jsonl", q["id"], *_ranked_lists(c["id"], result))
@@ -509,7 +526,7 @@ def evaluate_mm2mm(
       query_ids=q["id"],
       num_candidates=len(c["id"]),
   )
-  results.update(_scann_metrics(result, "", top + extra))
+  results.update(_scann_metrics(result, "", searched))
   return results
 
 
