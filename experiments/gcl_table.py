@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 from configs import gcl
 from experiments import table
-from mmret import config_lib, train
+from mmret import config_lib, runtime, train
 from mmret.data import world
 
 VARIANTS = ("init", "cl", "pairwise", "gcl", "gcl_drop")
@@ -225,15 +225,6 @@ def check_workdir_args(workdir: str, args: dict):
     json.dump(args, f, indent=1, sort_keys=True)
 
 
-def enable_compilation_cache(directory: str):
-  """Caches compiled programs on disk: every run of a variant compiles the same programs."""
-  import jax  # noqa: PLC0415
-
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def run_table(
     workdir: str, seeds, *, variants=DEFAULT_VARIANTS, data_dir=None, overrides=None, **arg_fields
 ) -> str:
@@ -306,7 +297,7 @@ def main(argv, flag_holders: dict):
   workdir, seeds = values.pop("workdir"), values.pop("seeds")
   if not workdir:
     raise app.UsageError("--workdir is required")
-  enable_compilation_cache(os.path.join(workdir, "jax_cache"))
+  runtime.enable_compilation_cache(os.path.join(workdir, "jax_cache"), min_compile_secs=0.0)
   start = time.time()
   markdown = run_table(workdir, seeds, **values)
   logging.info("GCL table written to %s in %.0f s", workdir, time.time() - start)

@@ -14,12 +14,11 @@ masks. Base rates: 34 % of caption tokens, 12 % of patches are intersection. Wri
 import json
 import os
 
-import jax
 import ml_collections
 from absl import app, flags
 
 from configs import solar as solar_config
-from mmret import train
+from mmret import runtime, train
 from mmret.data import sources
 from mmret.recipes.solar import evaluator
 
@@ -141,8 +140,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown --rungs {unknown}; rungs: {list(RUNGS)}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  runtime.enable_compilation_cache(os.path.join(FLAGS.workdir, "xla_cache"))
   results = []
   for index, (name, (args, overrides)) in enumerate(RUNGS.items()):
     if (FLAGS.rungs and name not in FLAGS.rungs) or (not FLAGS.rungs and name in DEFAULT_SKIP):

@@ -25,13 +25,12 @@ quality of the learned-mask runs (``solar_masks`` on the training split).
 import json
 import os
 
-import jax
 from absl import app, flags
 
 from configs import clip as clip_config
 from configs import solar as solar_config
 from experiments import table
-from mmret import config_lib, train
+from mmret import config_lib, runtime, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where runs, the table and its json go.", required=True)
@@ -186,8 +185,7 @@ def main(argv):
   if len(seeds) < 3:
     raise app.UsageError(f"--seeds needs at least 3 seeds for mean ± std, got {seeds}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  runtime.enable_compilation_cache(os.path.join(FLAGS.workdir, "xla_cache"))
   rows = variants(
       world=FLAGS.world,
       stage1_steps=FLAGS.stage1_steps,

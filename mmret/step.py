@@ -122,10 +122,18 @@ class DeviceMapping:
     if self.kind == "shard_map":
       return state
     n = len(self.local_devices)
-    # pmap moves a host array with a leading device axis onto the devices on its first call.
-    return jax.tree.map(
-        lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)), (n,) + x.shape), state
-    )
+
+    # Placed as pmap places its outputs (a leading local-device axis, one row per device), so
+    # the first step and every later one share one compiled program: a host array here would
+    # make the second step trace and compile the step again.
+    stacked = NamedSharding(jax.sharding.Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
+
+    def per_device(x):
+      return jax.device_put(
+          np.broadcast_to(np.asarray(x.addressable_data(0)), (n,) + x.shape), stacked
+      )
+
+    return jax.tree.map(per_device, state)
 
   def get_state(self, state):
     """The mapping's layout -> canonical replicated state (for checkpoints and evaluation)."""
@@ -133,8 +141,6 @@ class DeviceMapping:
       return state
 
     def canonical(x):
-      if isinstance(x, np.ndarray):  # put_state's host copy, not yet moved by a step
-        return jax.device_put(x[0], self.replicated)
       shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
       copies = [s.data.reshape(x.shape[1:]) for s in shards]
       return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, copies)

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import faults, feature_cache, gradcache, metrics_writer, optim, registry
+from mmret import faults, feature_cache, gradcache, metrics_writer, optim, registry, runtime
 from mmret import lora as lora_lib
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
@@ -403,6 +403,7 @@ def train_stage(
       batch = mapping.put_batch(next(data_iter))
       if step == start + 1:  # logged before the silent compile of the first step
         compiling = progress.Progress("compiling the train step (the first step)")
+        cache_before = runtime.compilation_cache_events()
       native_state, metrics = train_fn(native_state, batch)
       watch.add(step, metrics["loss"])
       if block_every_step:
@@ -410,7 +411,11 @@ def train_stage(
       interval_steps += 1
       if step == start + 1:  # the first step compiles: keep it out of the throughput figure
         jax.block_until_ready(metrics)
-        compiling.finish(f"compiled the train step and ran step {step}")
+        loaded = runtime.compilation_cache_events()["hits"] > cache_before["hits"]
+        compiling.finish(
+            f"{'loaded the train step from the compilation cache' if loaded else 'compiled the train step'}"
+            f" and ran step {step}"
+        )
         interval_start, interval_steps = time.time(), 0
       if step % config.log_every == 0 or step == config.total_steps:
         watch.check(last_good)

@@ -14,7 +14,7 @@ from mmret import step as step_lib
 from mmret.data import pipeline
 from mmret.models.retrieval import IMAGE_FEATURES, TEXT_FEATURES
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("feature_cache")]
+pytestmark = [pytest.mark.slow]
 
 FREEZE = r"^(image|text)_tower/"
 
@@ -29,6 +29,8 @@ def _config(data_dir, cache_dir, *, recipe=clip, arg="steps=4", **input_override
   config.log_every = 1
   config.ckpt_every = 0
   config.input.update(input_overrides)
+  for tower in ("image", "text", "joint"):  # one block each: compiles faster, same code paths
+    config.model[tower].depth = 1
   return config
 
 
@@ -125,7 +127,9 @@ def _step_results(config, state, batch):
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("recipe", ["clip", "solar_stage1"])
+# CLIP's step on cached outputs is checked through whole runs below (losses and evaluations);
+# SOLAR's stage 1 reads the cache in its teacher too.
+@pytest.mark.parametrize("recipe", ["solar_stage1"])
 def test_a_step_on_cached_outputs_equals_the_step_on_pixels(recipe, world_data_dir, tmp_path):
   if recipe == "clip":
     config = _config(world_data_dir, tmp_path)

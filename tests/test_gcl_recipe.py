@@ -186,13 +186,13 @@ SMALL_RUN = {
 
 
 @pytest.mark.slow
-def test_table_run_shares_pretraining_and_reports_every_task(tmp_path):
+def test_table_run_shares_pretraining_and_reports_every_task(tmp_path, world_data_dir):
   workdir = str(tmp_path / "table")
   markdown = gcl_table.run_table(
       workdir,
       [0],
       variants=("init", "gcl"),
-      data_dir=str(tmp_path / "data"),
+      data_dir=world_data_dir,
       size="tiny",
       world_name="tiny",
       steps=2,
@@ -224,7 +224,7 @@ def test_table_run_shares_pretraining_and_reports_every_task(tmp_path):
   config = gcl_table.make_variant_config(
       "gcl",
       0,
-      str(tmp_path / "data"),
+      world_data_dir,
       SMALL_RUN,
       size="tiny",
       world_name="tiny",

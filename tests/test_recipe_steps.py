@@ -1,6 +1,8 @@
-"""Every recipe's full train step: 8 devices (pmap and shard_map) equal 1 device on the same global
-batches and seed, in loss, metrics and gradient (read off SGD steps), over two steps (the second
-step's key and state follow from the first)."""
+"""Every recipe's full train step: 8 devices equal 1 device on the same global batches and seed,
+in loss, metrics and gradient (read off SGD steps), over two steps (the second step's key and state
+follow from the first). The mapping (pmap or shard_map) wraps any recipe's step the same way, so
+each recipe runs under one of them and each mapping under several recipes (a compile per recipe and
+mapping is what this file costs)."""
 
 import jax
 import numpy as np
@@ -26,20 +28,25 @@ def _stage(config, name):
   return dict(train.stage_configs(config))[name]
 
 
-# name -> the config of the step (for multi-stage recipes, the stage).
+# name -> (the config of the step (for multi-stage recipes, the stage), the mapping it runs under).
 RECIPES = {
     # CLIP's loss, with dropout: the model runs per example, each with its own masks.
-    "clip_dropout": lambda: clip.get_config("evals=false"),
-    # The plain contrastive method without dropout: the model runs on the batch whole.
-    "gcl": lambda: _stage(gcl.get_config("loss=gcl,evals=false"), gcl.FINETUNE),
-    "pairwise": lambda: _stage(gcl.get_config("loss=pairwise,evals=false"), gcl.FINETUNE),
-    "solar_stage1": lambda: _stage(solar.get_config("evals=false"), "stage1"),
-    "solar_stage2": lambda: _stage(solar.get_config("evals=false"), "stage2"),
+    "clip_dropout": (lambda: clip.get_config("evals=false"), "pmap"),
+    # The plain contrastive method without dropout: the model runs on the batch whole (the
+    # pairwise loss runs in the same step; its sharded == single-device test is in
+    # test_losses_gcl.py).
+    "gcl": (lambda: _stage(gcl.get_config("loss=gcl,evals=false"), gcl.FINETUNE), "shard_map"),
+    "solar_stage1": (lambda: _stage(solar.get_config("evals=false"), "stage1"), "shard_map"),
+    "solar_stage2": (lambda: _stage(solar.get_config("evals=false"), "stage2"), "pmap"),
     # The random-mask ablation draws per-example masks in the forward pass.
-    "solar_stage2_random": lambda: _stage(
-        solar.get_config("evals=false,random_masks=true"), "stage2"
+    "solar_stage2_random": (
+        lambda: _stage(solar.get_config("evals=false,random_masks=true"), "stage2"),
+        "shard_map",
     ),
-    "selfalign": lambda: _stage(selfalign.get_config("variant=both"), selfalign.HARDEST_STAGE),
+    "selfalign": (
+        lambda: _stage(selfalign.get_config("variant=both"), selfalign.HARDEST_STAGE),
+        "pmap",
+    ),
 }
 
 
@@ -107,7 +114,8 @@ def _two_steps(setup, host_state, batches, kind):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_step_on_8_devices_equals_1_device(name, vocab_path):
   assert jax.device_count() == 8
-  config = _small(RECIPES[name](), vocab_path, name)
+  make_config, kind = RECIPES[name]
+  config = _small(make_config(), vocab_path, name)
   setup = train.Setup(config)
   # SGD without decay or clipping: the parameter change is minus LR times the gradients. A small
   # rate keeps the second step near the first, where no token sits on a mask threshold.
@@ -115,26 +123,25 @@ def test_step_on_8_devices_equals_1_device(name, vocab_path):
   batches = [_batch(seed) for seed in range(2)]
   host_state = jax.device_get(setup.init_state(config, step_lib.DeviceMapping("shard_map")))
   single_metrics, single_grad = _two_steps(setup, host_state, batches, None)
-  for kind in ("pmap", "shard_map"):
-    metrics, grad = _two_steps(setup, host_state, batches, kind)
-    for step, (got, expected) in enumerate(zip(metrics, single_metrics), start=1):
-      assert set(got) == set(expected)
-      for key, value in expected.items():
-        np.testing.assert_allclose(
-            got[key], value, rtol=RTOL, atol=ATOL, err_msg=f"{name} {kind} step {step} {key}"
-        )
-    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(single_grad))
-    for path, a, b in zip(
-        jax.tree_util.tree_leaves_with_path(grad),
-        jax.tree.leaves(grad),
-        jax.tree.leaves(single_grad),
-    ):
+  metrics, grad = _two_steps(setup, host_state, batches, kind)
+  for step, (got, expected) in enumerate(zip(metrics, single_metrics), start=1):
+    assert set(got) == set(expected)
+    for key, value in expected.items():
       np.testing.assert_allclose(
-          a,
-          b,
-          rtol=GRAD_RTOL,
-          atol=GRAD_ATOL * scale,
-          err_msg=f"{name} {kind} gradient {jax.tree_util.keystr(path[0])}",
+          got[key], value, rtol=RTOL, atol=ATOL, err_msg=f"{name} {kind} step {step} {key}"
       )
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(single_grad))
+  for path, a, b in zip(
+      jax.tree_util.tree_leaves_with_path(grad),
+      jax.tree.leaves(grad),
+      jax.tree.leaves(single_grad),
+  ):
+    np.testing.assert_allclose(
+        a,
+        b,
+        rtol=GRAD_RTOL,
+        atol=GRAD_ATOL * scale,
+        err_msg=f"{name} {kind} gradient {jax.tree_util.keystr(path[0])}",
+    )
   # The step trained something: the gradient is not zero.
   assert max(float(np.abs(g).max()) for g in jax.tree.leaves(single_grad)) > 1e-6

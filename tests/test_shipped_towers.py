@@ -41,7 +41,7 @@ def test_gcl_shipped_towers_reproduce_minilm_sentence_embeddings():
   setup, state = _state(config)
   tokenizer = pipeline.tokenizer_for(config.input)
   ids, mask = tokenizer.encode(SENTENCES, config.input.max_text_len)
-  z_text = setup.model.apply(
+  z_text = jax.jit(setup.model.apply)(
       {"params": jax.device_get(state.params)}, {"text_ids": ids, "text_mask": mask}
   )["z_text"]
   expected = minilm.load_model(device="cpu").encode(
@@ -55,8 +55,14 @@ def test_solar_shipped_towers_hold_the_checkpoints():
   config = solar_config.get_config("towers=shipped,world=fashion_tiny,evals=false")
   assert config.model.adapter == "mlp" and config.model.joint.depth == 3
   assert config.optim.freeze == r"^(image|text)_tower/"  # CPU default: towers fixed
-  _, state = _state(config)
-  params = jax.device_get(state.params)
+  # The checkpoints loaded into SOLAR's model (its parameter paths and shapes); the whole start of
+  # a run from them (random init, then the load) is the GCL test's above, through the same
+  # config_lib.use_shipped_towers.
+  setup = train.Setup(config)
+  shapes = jax.eval_shape(
+      lambda key: setup.model.init(key, setup.example)["params"], jax.random.PRNGKey(0)
+  )
+  params = jax.device_get(pretrained.load_into(shapes, config.model.init))
   tensors = load_file(str(minilm.get_model_path() / "model.safetensors"))
   np.testing.assert_array_equal(
       params["text_tower"]["token_embed"]["embedding"], tensors["embeddings.word_embeddings.weight"]
