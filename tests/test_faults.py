@@ -127,7 +127,13 @@ def preempted(straight, world_data_dir, tmp_path_factory):
   stopped by SIGINT, then run to the end: what each process did."""
   workdir = str(tmp_path_factory.mktemp("preempted"))
   facts = {"workdir": workdir}
-  first = _launch(_command(workdir, world_data_dir), os.path.join(workdir, "first.log"))
+  # mmret's default compilation cache (under XDG_CACHE_HOME), not the tests' own: the relaunch
+  # must find there what the first launch compiled.
+  cache_home = str(tmp_path_factory.mktemp("cache_home"))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["XDG_CACHE_HOME"] = cache_home
+  facts["default_cache"] = os.path.join(cache_home, "mmret", "xla")
+  first = _launch(_command(workdir, world_data_dir), os.path.join(workdir, "first.log"), env)
   _wait_for_step(workdir, 2, first)
   # Paused while a second launch is tried (it holds its step and the workdir's lock), so that it
   # is still early in its run when SIGTERM comes.
@@ -143,7 +149,7 @@ def preempted(straight, world_data_dir, tmp_path_factory):
   facts["sigterm"] = (first.wait(timeout=120), time.time() - start, _checkpoints(workdir))
   facts["sigterm_last_line"] = _lines(workdir)[-1]["step"]
 
-  relaunch = _launch(_command(workdir, world_data_dir), os.path.join(workdir, "relaunch.log"))
+  relaunch = _launch(_command(workdir, world_data_dir), os.path.join(workdir, "relaunch.log"), env)
   _wait_for_step(workdir, facts["sigterm_last_line"] + 2, relaunch)
   relaunch.send_signal(signal.SIGINT)
   facts["sigint"] = (relaunch.wait(timeout=120), _checkpoints(workdir), _lines(workdir)[-1]["step"])
@@ -183,8 +189,12 @@ def test_sigint_saves_and_exits_130_then_the_run_resumes_bit_identically(preempt
   assert checkpoints[-1] == last_step > preempted["sigterm_last_line"]
   assert f"stopped by SIGINT after step {last_step}" in log
   # The relaunch did not compile its train step: the first launch's was in the persistent
-  # compilation cache (on by default).
+  # compilation cache, on by default in ~/.cache/mmret/xla.
+  assert f"compilation cache: {preempted['default_cache']}" in log
+  assert any(name.startswith("jit_") for name in os.listdir(preempted["default_cache"]))
   assert "loaded the train step from the compilation cache and ran step" in log, log[-3000:]
+  first_log = open(os.path.join(preempted["workdir"], "first.log")).read()
+  assert "compiled the train step and ran step 1" in first_log
 
   config, straight_dir = straight
   step_a, params_a = _params(straight_dir, config)

@@ -50,6 +50,17 @@ RECIPES = {
 }
 
 
+# XLA compilations (or loads from the persistent cache) of this process, as JAX reports them.
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: (
+        COMPILES.append(kwargs.get("fun_name", event))
+        if event == "/jax/core/compile/backend_compile_duration"
+        else None
+    )
+)
+
+
 @pytest.fixture(scope="module")
 def vocab_path(tmp_path_factory):
   path = tmp_path_factory.mktemp("vocab") / "words.txt"
@@ -103,10 +114,13 @@ def _two_steps(setup, host_state, batches, kind):
     fn = mapping.compile(setup.step_body())
     put_batch, get_state, get_metrics = mapping.put_batch, mapping.get_state, mapping.get_metrics
   seen = []
-  for batch in batches:
+  for index, batch in enumerate(batches):
+    compiles_before = len(COMPILES)
     state, metrics = fn(state, put_batch(batch))
     jax.block_until_ready(metrics)  # one step in flight: CPU collectives deadlock otherwise
     seen.append(get_metrics(metrics))
+    if index:  # the step compiled once: later steps reuse the first step's program
+      assert len(COMPILES) == compiles_before, (kind, COMPILES[compiles_before:])
   after = jax.device_get(get_state(state).params)
   return seen, jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, host_state.params)
 
