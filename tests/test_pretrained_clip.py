@@ -103,8 +103,12 @@ def _mmret_outputs(spec):
       jax.random.PRNGKey(1), {"image": images, "text_ids": ids, "text_mask": mask}
   )["params"]
   params = pretrained.load_into(params, spec)
-  image = model.apply({"params": params}, images, method=RetrievalModel.encode_image)
-  text = model.apply({"params": params}, ids, mask, method=RetrievalModel.encode_text)
+  image, text = jax.jit(
+      lambda p: (
+          model.apply({"params": p}, images, method=RetrievalModel.encode_image),
+          model.apply({"params": p}, ids, mask, method=RetrievalModel.encode_text),
+      )
+  )(params)
   return params, np.asarray(image["image_global"]), np.asarray(text["text_global"])
 
 
@@ -191,7 +195,9 @@ def test_one_tower_of_a_clip_checkpoint(reference, tmp_path):
   params = pretrained.load_into(init, f"clip:{tmp_path / 'clip'}@image")
   np.testing.assert_array_equal(params["text_tower"]["pos_embed"], init["text_tower"]["pos_embed"])
   np.testing.assert_array_equal(params["logit_scale"], init["logit_scale"])
-  image = model.apply({"params": params}, images, method=RetrievalModel.encode_image)
+  image = jax.jit(lambda p: model.apply({"params": p}, images, method=RetrievalModel.encode_image))(
+      params
+  )
   np.testing.assert_allclose(
       image["image_global"], _reference_outputs(reference, images, ids, mask)[0], atol=ATOL
   )

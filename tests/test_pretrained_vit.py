@@ -40,10 +40,12 @@ def _compare(model, params, reference, images):
     hidden = reference(
         pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))
     ).last_hidden_state.numpy()
-  tower = model.apply({"params": params}, images, method=lambda m, x: m.image_tower(x))
+  tower = jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, y: m.image_tower(y)))(
+      params, images
+  )
   np.testing.assert_allclose(tower["pooled"], hidden[:, 0], atol=ATOL)
   np.testing.assert_allclose(tower["tokens"], hidden[:, 1:], atol=ATOL)
-  z = np.asarray(model.apply({"params": params}, {"image": images})["z_image"])
+  z = np.asarray(jax.jit(model.apply)({"params": params}, {"image": images})["z_image"])
   np.testing.assert_allclose(
       z, hidden[:, 0] / np.linalg.norm(hidden[:, 0], axis=-1, keepdims=True), atol=ATOL
   )
@@ -115,6 +117,8 @@ def test_position_grid_is_interpolated_like_transformers(tmp_path):
     hidden = reference(
         pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True
     ).last_hidden_state.numpy()
-  tower = model.apply({"params": params}, images, method=lambda m, x: m.image_tower(x))
+  tower = jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, y: m.image_tower(y)))(
+      params, images
+  )
   np.testing.assert_allclose(tower["pooled"], hidden[:, 0], atol=ATOL)
   np.testing.assert_allclose(tower["tokens"], hidden[:, 1:], atol=ATOL)
