@@ -7,6 +7,7 @@ CORE = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "etils[epath]",
     "grain>=0.2.18",
     "array-record>=0.8.6",
     "tensorflow-datasets>=4.9.10",
@@ -47,5 +48,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["mmret", "mmret.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"test": TEST, "pretrained": PRETRAINED},
+    # gs:// workdirs and datasets: etils.epath's GCS backend.
+    extras_require={"test": TEST, "pretrained": PRETRAINED, "gcs": ["etils[epath-gcs]"]},
 )

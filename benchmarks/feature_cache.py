@@ -84,7 +84,9 @@ def main():
       setup = train.Setup(config)
       state = setup.init_state(config, train.step_lib.DeviceMapping(config.mapping))
       start = time.time()
-      feature_cache.for_training(config, feature_cache.TowerPass(setup.model, state.params))
+      feature_cache.for_training(
+          config, feature_cache.TowerPass(setup.model, state.params, config.input)
+      )
       result["cache_ready_s"] = round(time.time() - start, 1)
     with tempfile.TemporaryDirectory() as workdir:
       result.update(run(config, workdir))

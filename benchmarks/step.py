@@ -87,7 +87,8 @@ def random_batch(n, image_size, text_len, vocab, seed=0):
   rng = np.random.default_rng(seed)
   mask = np.arange(text_len)[None] < rng.integers(4, text_len + 1, size=n)[:, None]
   return {
-      "image": rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32),
+      # uint8 pixels, as training's batches carry them (the step normalises them).
+      "image": rng.integers(0, 256, size=(n, image_size, image_size, 3)).astype(np.uint8),
       "text_ids": rng.integers(1, vocab, size=(n, text_len)).astype(np.int32),
       "text_mask": mask,
   }

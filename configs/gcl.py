@@ -13,13 +13,16 @@ because a ConfigDict keeps its keys sorted, and stages run in that order:
   text InfoNCE only) or ``pairwise`` (the six InfoNCE terms between the three modalities).
 
 Both stages train on image-caption pairs: the embedded world's train split by default. To train
-on LCS-558K, import it and point ``input.train`` at it (both stages then read it; its captions
-need a real tokenizer, e.g. CLIP's BPE)::
+on LCS-558K, import it and pass its directory as ``data`` (both stages then read its ``train``
+split, tokenised with the word vocabulary the import stored from its captions)::
 
   python -m mmret.prepare --format=lcs558k --src=/data/LLaVA-Pretrain --out=/data/mmret/lcs558k
-  python -m mmret.main --config=configs/gcl.py --workdir=/tmp/gcl_lcs \
-      --config.input.train='[{"dataset": "/data/mmret/lcs558k", "split": "train", "weight": 1.0}]' \
-      --config.input.tokenizer=bpe:/path/to/bpe_simple_vocab_16e6.txt.gz
+  python -m mmret.main --config=configs/gcl.py:data=/data/mmret/lcs558k --workdir=/tmp/gcl_lcs
+
+With ``data``, the world's evaluations below give way to the dataset's (``config_lib.fit_evals``):
+``universal`` and ``gap_universal`` are skipped (a warning names each; query/candidate splits of
+the dataset get ``retrieval`` instead), ``gap_train`` reads its training split, and ``caption5``
+runs on each of its CAPTION5 splits.
 
 Evaluations (at the end of each stage; ``every=0``):
 - ``universal``: the ``retrieval`` evaluator on the world's ``universal`` split, whose nine tasks
@@ -48,6 +51,9 @@ Arguments (defaults in brackets):
   towers [scratch]       'shipped': start both stages' towers from the real EfficientNet-Lite0
                          and all-MiniLM-L6-v2 weights pip packages ship (128 px, MiniLM's
                          vocabulary; pair it with a real-image world, e.g. world=fashion_tiny)
+  data ['']              a dataset directory made by ``python -m mmret.prepare`` (or DIR/SPLIT)
+                         to train on instead of the world (see ``config_lib.use_data``)
+  split ['']             data's training split, when it has several PAIRS splits
 """
 
 import ml_collections
@@ -73,6 +79,7 @@ def get_config(arg=None):
       drop_other_positive=False,
       evals=True,
       towers="scratch",
+      **config_lib.DATA_ARGS,
   )
   config_lib.check_choice("gcl", "towers", arg.towers, config_lib.TOWERS)
   config_lib.check_choice("gcl", "loss", arg.loss, LOSSES)
@@ -129,4 +136,5 @@ def get_config(arg=None):
     config.evals.gap_train = dict(
         type="modality_gap", dataset=world, split="train", every=0, max_records=512, batch_size=64
     )
+  config_lib.use_data(config, arg.data, arg.split, evals=arg.evals)
   return config

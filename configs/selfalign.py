@@ -32,19 +32,21 @@ Numbers (defaults; the paper's value in brackets where it differs):
 Evaluation: the 5-caption protocol (``caption5`` evaluator) on the world's ``caption5`` split.
 
 Karpathy-format Flickr30K / COCO: import it, then pass its directory as ``data``: training reads its
-``train`` split and the ``caption5`` evaluation its ``test`` split (5 captions per image, i2t and t2i
-R@1/5/10 and R@sum); ``fold_size=1000`` adds COCO-1K's mean over 1,000-image folds as
-``folds/...`` (the unprefixed metrics are then COCO-5K). Its captions need a tokenizer that covers
-them (the ``world`` tokenizer knows only the embedded world's words), e.g. CLIP's BPE::
+``train`` split, tokenised with the word vocabulary the import stored from its captions, and the
+``caption5`` evaluation its ``test`` split (5 captions per image, i2t and t2i R@1/5/10 and R@sum;
+``caption5_val`` the ``val`` split); ``fold_size=1000`` adds COCO-1K's mean over 1,000-image folds
+as ``folds/...`` (the unprefixed metrics are then COCO-5K)::
 
   python -m mmret.prepare --format=karpathy --src=/data/flickr30k/flickr30k-images \
       --annotations=/data/flickr30k/dataset_flickr30k.json --out=/data/mmret/flickr30k
   python -m mmret.main --config=configs/selfalign.py:size=small,data=/data/mmret/flickr30k \
-      --config.input.tokenizer=bpe:/path/to/bpe_simple_vocab_16e6.txt.gz --workdir=/tmp/sa_f30k
+      --workdir=/tmp/sa_f30k
 
-Other arguments: data (a prepared Karpathy-format dataset directory; empty = the embedded world),
-fold_size (caption5 fold size; 0 = none), towers (scratch | shipped: frozen ImageNet EfficientNet-Lite0 +
-all-MiniLM-L6-v2 from pip packages, 128 px, MiniLM's vocabulary; pair with world=fashion_*).
+Other arguments: data (a dataset directory made by ``python -m mmret.prepare``, or ``DIR/SPLIT``;
+empty = the embedded world; ``config_lib.use_data``), split (data's training split when it has
+several PAIRS splits), fold_size (caption5 fold size; 0 = none), towers (scratch | shipped: frozen
+ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2 from pip packages, 128 px, MiniLM's vocabulary;
+pair with world=fashion_*). The training loss reads image-caption pairs only.
 """
 
 import ml_collections
@@ -74,9 +76,9 @@ def get_config(arg=None):
       variant="both",
       steps=600,
       sum_warmup=100,
-      data="",
       fold_size=0,
       towers="scratch",
+      **config_lib.DATA_ARGS,
   )
   config_lib.check_choice("selfalign", "variant", arg.variant, sorted(VARIANTS))
   config_lib.check_choice("selfalign", "towers", arg.towers, config_lib.TOWERS)
@@ -91,8 +93,6 @@ def get_config(arg=None):
   config.eval_every = 0  # caption5 runs at the end of training only
   config.ckpt_every = 0
   config.keep_ckpts = 1
-  dataset = arg.data or f"mmret_world/{arg.world}"
-  config.input.train = [{"dataset": dataset, "split": "train", "weight": 1.0}]
 
   config.model.joint_kind = "fusion"  # independent towers: nothing joint at retrieval time
   config.model.unimodal = "tower"
@@ -123,8 +123,8 @@ def get_config(arg=None):
   )
   config.evals.caption5 = dict(
       type="caption5",
-      dataset=dataset,
-      split="test" if arg.data else "caption5",
+      dataset=f"mmret_world/{arg.world}",
+      split="caption5",
       every=0,
       batch_size=100,
   )
@@ -147,4 +147,5 @@ def get_config(arg=None):
             },
         }
     )
+  config_lib.use_data(config, arg.data, arg.split)
   return config

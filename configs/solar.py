@@ -23,7 +23,18 @@ image segment; per modality in ``method.{text,image}_negative``), segments ('kme
 paper's hierarchical 'agglomerative' grouping of patches), eval_split ('mm2mm', the reported set,
 or 'mm2mm_val', the held-out set settings are chosen on), tower_depth (transformer blocks of each
 from-scratch tower; -1, the default, keeps the size's: 2 at tiny; 0 makes every token and patch
-feature local, see README's diagnosis ladder).
+feature local, see README's diagnosis ladder), data (a dataset directory made by ``python -m
+mmret.prepare``, or ``DIR/SPLIT``, to train both stages on instead of the world, tokenised with the
+word vocabulary the import stored; ``config_lib.use_data``) and split (data's training split when
+it has several PAIRS splits).
+
+Training reads image-caption pairs only (the world's ground-truth tags and labels feed the
+evaluators and, logged as metrics, stage 1's mask quality), so ``data`` works as the world does;
+only ``oracle_masks`` needs the world. With ``data``, ``masks`` and ``mm2mm`` (which need the
+world's ground truth: intersection labels, MM2MM triplets) are skipped with a warning naming each,
+and stage 2 ends with ``caption5`` on each of the dataset's CAPTION5 splits instead::
+
+  python -m mmret.main --config=configs/solar.py:data=/data/mmret/coco --workdir=/tmp/solar_coco
 
 Model: the towers -> 2-layer MLP adapters into the shared width -> a 3-layer joint encoder over
 [CLS; image tokens; text tokens] with per-token attention weights; z_image / z_text come from the
@@ -77,7 +88,13 @@ def get_config(arg=None):
       segments="kmeans",
       eval_split="mm2mm",
       tower_depth=-1,
+      **config_lib.DATA_ARGS,
   )
+  if arg.data and arg.oracle_masks:
+    raise ValueError(
+        "solar config: oracle_masks reads the embedded world's ground-truth intersection labels, "
+        f"which data={arg.data!r} lacks"
+    )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")
   config_lib.check_choice("solar", "towers", arg.towers, config_lib.TOWERS)
@@ -167,4 +184,5 @@ def get_config(arg=None):
       stage1["evals"]["mm2mm"] = mm2mm
     stage2["evals"]["mm2mm"] = mm2mm
   config.stages = ml_collections.ConfigDict({"stage1": stage1, "stage2": stage2})
+  config_lib.use_data(config, arg.data, arg.split, evals=arg.evals)
   return config

@@ -8,12 +8,15 @@ makes a resumed run bit-identical to an uninterrupted one. ``restore_latest_good
 uses) also treats a state holding NaN/inf as corrupt, and moves a corrupt checkpoint aside to
 ``corrupt-<step>`` (never deleting it) to fall back to the previous one.
 
+The directory is a local path (made absolute) or a URL (``gs://bucket/run/checkpoints``), given to
+Orbax unchanged; every other file of a checkpoint (manifest, data positions, moving aside) is
+touched through ``etils.epath``.
+
 The data iterator's position is a batch index, the same on every process (each process reads its
 strided share of one global stream): a checkpoint saved by N processes resumes on M processes with
 the same global batch, continuing the same examples.
 """
 
-import glob
 import json
 import logging as std_logging
 import os
@@ -24,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from mmret import faults
 
@@ -77,7 +81,8 @@ _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Local paths are made absolute; a URL (gs://...) goes to Orbax as it is.
+    self.directory = faults.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
     )
@@ -86,7 +91,7 @@ class Checkpointer:
     self._closed = False
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return os.fspath(epath.Path(self.directory) / str(step))
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -140,7 +145,7 @@ class Checkpointer:
     if jax.process_index() != 0:
       return
     for step in steps:
-      if os.path.isdir(self.step_dir(step)):  # not removed meanwhile by max_to_keep
+      if epath.Path(self.step_dir(step)).is_dir():  # not removed meanwhile by max_to_keep
         try:
           faults.write_manifest(self.step_dir(step), step=step, process_count=jax.process_count())
         except OSError as e:
@@ -172,17 +177,15 @@ class Checkpointer:
 
   def _restore_data(self, step: int, data_iterator):
     """Sets ``data_iterator`` to checkpoint ``step``'s position, whatever process count saved it."""
-    data_dir = os.path.join(self.step_dir(step), "data")
-    here = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    if os.path.exists(here):
-      with open(here) as f:
-        data_iterator.set_state(json.load(f))
+    data_dir = epath.Path(self.step_dir(step)) / "data"
+    here = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if here.exists():
+      data_iterator.set_state(json.loads(here.read_text()))
       return
     states, counts = [], set()
-    for path in sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json"))):
-      counts.add(int(_DATA_FILE.search(path).group(2)))
-      with open(path) as f:
-        states.append(json.load(f))
+    for path in sorted(data_dir.glob("process_*-of-*.json"), key=os.fspath):
+      counts.add(int(_DATA_FILE.search(os.fspath(path)).group(2)))
+      states.append(json.loads(path.read_text()))
     if not states:
       raise CheckpointError(f"checkpoint {self.step_dir(step)} holds no data iterator position")
     saved_count = max(counts)
@@ -272,10 +275,10 @@ class Checkpointer:
   def _move_aside(self, step: int, problem: str) -> str:
     """Renames corrupt checkpoint ``step`` to ``corrupt-<step>`` (process 0; never deleted)."""
     source = self.step_dir(step)
-    target = os.path.join(self.directory, f"corrupt-{step}")
+    target = os.fspath(epath.Path(self.directory) / f"corrupt-{step}")
     suffix = 1
-    while os.path.exists(target):
-      target = os.path.join(self.directory, f"corrupt-{step}.{suffix}")
+    while epath.Path(target).exists():
+      target = os.fspath(epath.Path(self.directory) / f"corrupt-{step}.{suffix}")
       suffix += 1
     logging.warning(
         "Checkpoint %s is corrupt (%s): moved aside to %s; falling back to the previous one",
@@ -284,7 +287,7 @@ class Checkpointer:
         target,
     )
     if jax.process_index() == 0:
-      os.rename(source, target)
+      epath.Path(source).rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

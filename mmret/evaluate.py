@@ -18,12 +18,15 @@ import json
 import os
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from mmret import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory holding checkpoints.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Training run directory holding checkpoints (local path or gs://...)."
+)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "'latest', a step number, or 'none' (freshly initialised)."
 )
@@ -82,7 +85,7 @@ def evaluate(config, *, workdir, checkpoint, out, evals_cfg):
       data_dir=stage.input.data_dir,
   )
   if jax.process_index() == 0:
-    with open(os.path.join(out, "metrics.json"), "w") as f:
+    with (epath.Path(out) / "metrics.json").open("w") as f:
       json.dump({"step": step, "checkpoint": checkpoint, **results}, f, indent=2)
   return results
 
@@ -123,7 +126,7 @@ def main(argv):
   out = _OUT.value or (os.path.join(_WORKDIR.value, "eval_only") if _WORKDIR.value else None)
   if out is None:
     raise app.UsageError("give --out (or --workdir)")
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   evals_cfg = _evals_config(_CONFIG.value)
   results = evaluate(
       _CONFIG.value,

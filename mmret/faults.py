@@ -2,12 +2,17 @@
 
 - ``WorkdirLock``: one run per workdir. ``workdir/mmret.lock`` holds the holder's host, pid and
   start time under an exclusive ``flock``; the kernel releases it when the holder dies, so a lock
-  left by a killed run is stale and taken over (with a warning naming it).
+  left by a killed run is stale and taken over (with a warning naming it). A workdir on an object
+  store (``gs://...``) has no ``flock``: there the lock file only records the holder, and refuses
+  a second run only when the holder is a live process on the same host (see ``WorkdirLock``).
 - ``write_manifest`` / ``verify_manifest``: the sha256 of every file of a checkpoint, written once
   the checkpoint is complete and checked before it is restored.
 - ``StopSignals``: SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current
   step; ``should_stop(step)`` is the same on every process (see its docstring).
 - ``check_config``: impossible values refused before any work, naming the field and what it accepts.
+- ``is_url`` / ``absolute``: workdirs, checkpoints and datasets may be local paths or URLs
+  (``gs://bucket/run``); files are touched through ``etils.epath``, and only local paths are made
+  absolute.
 """
 
 import datetime
@@ -15,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -22,9 +28,34 @@ import threading
 from typing import Optional
 
 from absl import logging
+from etils import epath
 
 LOCK_FILE = "mmret.lock"
 MANIFEST_FILE = "mmret_manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Local paths and URLs.
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path) -> bool:
+  """Whether ``path`` is a URL (``gs://bucket/run``, ``s3://...``) rather than a local path."""
+  return bool(_URL.match(os.fspath(path)))
+
+
+def absolute(path) -> str:
+  """A local ``path`` made absolute; a URL unchanged (``os.path.abspath`` would turn
+  ``gs://bucket/run`` into ``<cwd>/gs:/bucket/run``)."""
+  return str(epath.Path(path)) if is_url(path) else os.path.abspath(os.fspath(path))
+
+
+def sync(f, path):
+  """fsync of a local file open for writing (``path``: its name); an object store commits a
+  file when it is closed, and has no file descriptor."""
+  if not is_url(path):
+    os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,12 +98,32 @@ def describe_holder(holder: dict) -> str:
   )
 
 
+def _holder() -> dict:
+  """This process, as a lock file records it."""
+  return {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "start_ticks": _process_start_ticks(os.getpid()),
+      "started": datetime.datetime.now().isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv)[:500],
+  }
+
+
 class WorkdirLock:
-  """An exclusive lock on ``workdir`` for the life of one run (``with WorkdirLock(dir): ...``)."""
+  """An exclusive lock on ``workdir`` for the life of one run (``with WorkdirLock(dir): ...``).
+
+  On a URL workdir (``gs://...``) there is no ``flock`` and no process to check on another host:
+  the lock file records the holder (who runs there, for people and for the next launch), a second
+  run is refused only when the recorded holder is a live process on this host, and otherwise a
+  non-empty lock is taken over with a warning naming its holder. Keeping one run per object-store
+  workdir across hosts is the launcher's job.
+  """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
+    self._url = is_url(workdir)
     self._fd = None
+    self._held = False
 
   def _in_use(self, holder: dict) -> str:
     return (
@@ -89,7 +140,42 @@ class WorkdirLock:
     except ValueError:
       return {"pid": "?", "host": "?", "command": f"unreadable lock file {data[:80]!r}"}
 
+  def _read_url(self) -> dict:
+    path = epath.Path(self.path)
+    if not path.exists():
+      return {}
+    data = path.read_text()
+    try:
+      return json.loads(data) if data.strip() else {}
+    except ValueError:
+      return {"pid": "?", "host": "?", "command": f"unreadable lock file {data[:80]!r}"}
+
+  def _acquire_url(self):
+    previous = self._read_url()
+    if previous and _is_alive_here(previous) and previous.get("pid") != os.getpid():
+      raise WorkdirLockedError(self._in_use(previous))
+    if previous:
+      logging.warning(
+          "Taking over the lock %s of %s: a lock on an object store cannot be held (no flock) "
+          "and that process is not alive on this host",
+          self.path,
+          describe_holder(previous),
+      )
+    else:
+      logging.info(
+          "Workdir lock %s records this run only: on an object store it cannot keep out a run "
+          "on another host",
+          self.path,
+      )
+    path = epath.Path(self.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_holder()))
+    self._held = True
+    return self
+
   def acquire(self):
+    if self._url:
+      return self._acquire_url()
     import fcntl  # POSIX only; imported here so that the module imports anywhere
 
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -111,16 +197,9 @@ class WorkdirLock:
           self.path,
           describe_holder(previous),
       )
-    holder = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "start_ticks": _process_start_ticks(os.getpid()),
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv)[:500],
-    }
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(holder).encode())
+    os.write(fd, json.dumps(_holder()).encode())
     os.fsync(fd)
     self._fd = fd
     return self
@@ -128,6 +207,11 @@ class WorkdirLock:
   def check_free(self):
     """Raises ``WorkdirLockedError`` now if a live run holds the lock (creates nothing): lets a
     second launch fail before the slow start-up. ``acquire`` is what guards the workdir."""
+    if self._url:
+      holder = self._read_url()
+      if holder and _is_alive_here(holder) and holder.get("pid") != os.getpid():
+        raise WorkdirLockedError(self._in_use(holder))
+      return
     import fcntl
 
     try:
@@ -142,6 +226,9 @@ class WorkdirLock:
       os.close(fd)  # releases the flock if taken
 
   def release(self):
+    if self._held:
+      epath.Path(self.path).write_text("")  # empty = free, as on a local workdir
+      self._held = False
     if self._fd is None:
       return
     # The file stays (empty = free): unlinking it would let two later runs lock two inodes.
@@ -160,41 +247,48 @@ class WorkdirLock:
 # Checkpoint manifests.
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
+def _size_and_sha256(path: str) -> tuple[int, str]:
+  """Size in bytes and sha256 of file ``path`` (local or URL), in one read."""
+  digest, size = hashlib.sha256(), 0
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
-  return digest.hexdigest()
+      size += len(block)
+  return size, digest.hexdigest()
 
 
 def _files(directory: str):
-  for root, _, names in os.walk(directory):
+  """(path relative to ``directory``, path) of every file under ``directory`` (local or URL)."""
+  top = epath.Path(directory)
+  for root, _, names in top.walk():
     for name in names:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, directory)
+      path = root / name
+      rel = os.fspath(path.relative_to(top))
       if rel != MANIFEST_FILE:
-        yield rel, path
+        yield rel, os.fspath(path)
 
 
 def write_manifest(directory: str, **extra) -> str:
   """Writes ``directory/mmret_manifest.json``: size and sha256 of every file under it."""
-  files = {rel: {"size": os.path.getsize(p), "sha256": _sha256(p)} for rel, p in _files(directory)}
-  path = os.path.join(directory, MANIFEST_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  files = {}
+  for rel, p in _files(directory):
+    size, sha256 = _size_and_sha256(p)
+    files[rel] = {"size": size, "sha256": sha256}
+  path = epath.Path(directory) / MANIFEST_FILE
+  tmp = epath.Path(f"{path}.tmp")
+  with tmp.open("w") as f:
     json.dump({"files": files, **extra}, f, indent=1, sort_keys=True)
     f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return path
+    sync(f, tmp)
+  tmp.replace(path)
+  return os.fspath(path)
 
 
 def read_manifest(directory: str) -> Optional[dict]:
-  path = os.path.join(directory, MANIFEST_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / MANIFEST_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
+  with path.open("r") as f:
     return json.load(f)
 
 
@@ -216,10 +310,10 @@ def verify_manifest(directory: str) -> Optional[str]:
     if path is None:
       return f"{rel} is missing"
     try:
-      size = os.path.getsize(path)
+      size, sha256 = _size_and_sha256(path)
       if size != expected["size"]:
         return f"{rel} has {size} bytes, {expected['size']} were written"
-      if _sha256(path) != expected["sha256"]:
+      if sha256 != expected["sha256"]:
         return f"{rel} does not match its sha256 checksum"
     except OSError as e:
       return f"{rel} cannot be read ({e})"

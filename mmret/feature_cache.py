@@ -24,6 +24,11 @@ to halve the disk) is the storage type. A training-split cache holds::
 An evaluation cache holds the same arrays for one ordered item set (one row per item). Caches are
 built in a staging directory and renamed into place, so an interrupted build leaves no partial
 cache and concurrent processes do not clash.
+
+The cache directory may be a URL (``gs://bucket/mmret_data/feature_cache``, e.g. under a ``gs://``
+``data_dir``): memory maps need local files, so a cache is then built in a local temporary
+directory and copied there (``manifest.json`` last, so a cache with it is complete), and a cache
+read from there is first copied once to ``$TMPDIR/mmret_feature_cache/`` and memory-mapped there.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
+from mmret import faults, ops
 from mmret.data import pipeline
 from mmret.models.retrieval import IMAGE_FEATURES, TEXT_FEATURES
 
@@ -131,16 +139,20 @@ def _host_copy(x) -> np.ndarray:
 
 
 class TowerPass:
-  """The frozen towers as numpy functions (jitted once): images -> outputs, token ids -> outputs."""
+  """The frozen towers as numpy functions (jitted once): uint8 images -> outputs (normalised with
+  ``input_cfg.mean``/``std`` on the device, as in training), token ids -> outputs."""
 
-  def __init__(self, model, params):
+  def __init__(self, model, params, input_cfg):
     # This process's copy of the (replicated) parameters, on the host: the model's setup needs
     # them all; the key covers the towers' only.
     self.params = jax.tree.map(_host_copy, dict(params))
     self.digest = tower_digest(self.params)
+    mean, std = tuple(input_cfg.mean), tuple(input_cfg.std)
     self._image = jax.jit(
         lambda p, x: model.apply(
-            {"params": p}, x, method=lambda m, x: m.image_tower(x, train=False)
+            {"params": p},
+            ops.normalize_pixels(x, mean, std),
+            method=lambda m, x: m.image_tower(x, train=False),
         )
     )
     self._text = jax.jit(
@@ -172,11 +184,10 @@ class FeatureStore:
 
   def __init__(self, directory: str):
     self.directory = directory
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
+    path = epath.Path(directory) / MANIFEST
+    if not path.exists():
       raise FileNotFoundError(f"{directory} is not a complete feature cache (no {MANIFEST})")
-    with open(path) as f:
-      self.manifest = json.load(f)
+    self.manifest = json.loads(path.read_text())
     self._arrays = None
 
   def __getstate__(self):
@@ -184,8 +195,9 @@ class FeatureStore:
 
   def array(self, name: str) -> np.ndarray:
     if self._arrays is None:  # opened on first use in each process (reader threads may race)
+      local = _local_copy(self.directory) if faults.is_url(self.directory) else self.directory
       self._arrays = {
-          array: np.load(os.path.join(self.directory, f"{array}.npy"), mmap_mode="r")
+          array: np.load(os.path.join(local, f"{array}.npy"), mmap_mode="r")
           for array in self.manifest["arrays"]
       }
     if name not in self._arrays:
@@ -217,9 +229,12 @@ class _Writer:
 
   def __init__(self, directory: str, dtype: np.dtype):
     self.directory, self.dtype = directory, dtype
-    self.staging = f"{directory}.staging-{os.getpid()}-{jax.process_index()}"
-    shutil.rmtree(self.staging, ignore_errors=True)
-    os.makedirs(self.staging)
+    if faults.is_url(directory):  # memory maps are local: built here, copied at commit
+      self.staging = tempfile.mkdtemp(prefix="mmret-feature-cache-")
+    else:
+      self.staging = f"{directory}.staging-{os.getpid()}-{jax.process_index()}"
+      shutil.rmtree(self.staging, ignore_errors=True)
+      os.makedirs(self.staging)
     self.arrays: dict[str, np.ndarray] = {}
 
   def write(self, name: str, start: int, rows: np.ndarray, total: int):
@@ -240,6 +255,11 @@ class _Writer:
     with open(os.path.join(self.staging, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
     self.arrays.clear()
+    if faults.is_url(self.directory):
+      if not (epath.Path(self.directory) / MANIFEST).exists():  # else another process's is done
+        _copy_files(self.staging, self.directory)
+      shutil.rmtree(self.staging, ignore_errors=True)
+      return FeatureStore(self.directory)
     try:
       os.rename(self.staging, self.directory)
     except OSError:  # another process finished the same cache first
@@ -251,6 +271,40 @@ class _Writer:
   def abandon(self):
     self.arrays.clear()
     shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _copy_files(source, target):
+  """Copies the files of folder ``source`` to folder ``target`` (local or URL), ``MANIFEST``
+  last: a copy interrupted before it is not a complete cache."""
+  source, target = epath.Path(source), epath.Path(target)
+  target.mkdir(parents=True, exist_ok=True)
+  names = sorted((p.name for p in source.iterdir()), key=lambda name: name == MANIFEST)
+  for name in names:
+    with (source / name).open("rb") as f, (target / name).open("wb") as out:
+      shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _local_copy(directory: str) -> str:
+  """A local copy of the complete cache at URL ``directory`` (copied on first use), to memory-map."""
+  local = os.path.join(
+      tempfile.gettempdir(), "mmret_feature_cache", re.sub(r"[^A-Za-z0-9_.-]+", "_", directory)
+  )
+  if os.path.exists(os.path.join(local, MANIFEST)):
+    return local
+  logging.info("Copying the feature cache %s to %s", directory, local)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  staging = tempfile.mkdtemp(
+      prefix=f"{os.path.basename(local)}.staging-", dir=os.path.dirname(local)
+  )
+  try:
+    _copy_files(directory, staging)
+    os.rename(staging, local)
+  except OSError:  # another reader finished the same copy first
+    if not os.path.exists(os.path.join(local, MANIFEST)):
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return local
 
 
 def _cache_dir(input_cfg, name: str, key_fields: dict) -> tuple[str, str]:
@@ -358,7 +412,7 @@ def for_training(config, towers: TowerPass) -> list[FeatureStore]:
         **_preprocessing(config.input),
     )
     directory, key = _cache_dir(config.input, f"{source.dataset}-{source.split}", fields)
-    if os.path.exists(os.path.join(directory, MANIFEST)):
+    if (epath.Path(directory) / MANIFEST).exists():
       logging.info("Feature cache for %s/%s: %s", source.dataset, source.split, directory)
       stores.append(FeatureStore(directory))
     else:
@@ -409,7 +463,7 @@ class EvalBatches:
         **_preprocessing(input_cfg),
     )
     directory, key = _cache_dir(input_cfg, f"eval-{len(items)}", fields)
-    if os.path.exists(os.path.join(directory, MANIFEST)):
+    if (epath.Path(directory) / MANIFEST).exists():
       return FeatureStore(directory)
     writer = _Writer(directory, self.dtype)
     start, last = time.time(), [0.0]

@@ -20,7 +20,11 @@ from mmret import faults, runtime
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe config file (configs/*.py[:arg]).", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<recipe name>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory, a local path or a URL such as gs://bucket/run (default: runs/<recipe name>).",
+)
 
 
 def default_workdir(config_path: str) -> str:

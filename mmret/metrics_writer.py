@@ -2,6 +2,11 @@
 
 The event files are written directly (TFRecord framing around ``Event`` protos holding scalar
 summaries), so TensorBoard reads them without TensorFlow being installed here.
+
+The workdir may be a URL (``gs://bucket/run``): files go through ``etils.epath``. An object store
+has no appends, so there each write rewrites the whole file (``metrics.jsonl`` read back and
+written with its new line; the event file from what this writer wrote), and nothing is fsync'ed
+(an object is committed when it is closed).
 """
 
 import contextlib
@@ -11,6 +16,10 @@ import os
 import socket
 import struct
 import time
+
+from etils import epath
+
+from mmret import faults
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -78,7 +87,7 @@ def tfrecord(data: bytes) -> bytes:
 
 def read_tfrecords(path: str):
   """Yields the payloads of a TFRecord file, checking both CRCs (used by tests and tools)."""
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     while header := f.read(8):
       if struct.unpack("<I", f.read(4))[0] != _masked_crc(header):
         raise ValueError(f"{path}: corrupt record header")
@@ -100,24 +109,34 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl_path = os.path.join(workdir, METRICS_FILE)
-    tb_dir = os.path.join(workdir, "tensorboard")
-    os.makedirs(tb_dir, exist_ok=True)
+    self._url = faults.is_url(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self.jsonl_path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    tb_dir = os.path.join(os.fspath(workdir), "tensorboard")
+    epath.Path(tb_dir).mkdir(parents=True, exist_ok=True)
     now = time.time()
     self.events_path = os.path.join(
         tb_dir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
     )
-    self._events = open(self.events_path, "ab")
-    self._events.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
-    self._events.flush()
+    # Local: the event file stays open for appending. URL: what was written, rewritten whole.
+    self._events = None if self._url else epath.Path(self.events_path).open("ab")
+    self._event_bytes = bytearray()
+    self._append_event(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
+
+  def _append_event(self, record: bytes):
+    if self._events is not None:
+      self._events.write(record)
+      self._events.flush()
+      return
+    self._event_bytes += record
+    epath.Path(self.events_path).write_bytes(bytes(self._event_bytes))
 
   def rewind(self, step: int, *, drop_evals_at_step: bool = False):
     """Drops the lines of ``metrics.jsonl`` past ``step`` (a run resuming at checkpoint ``step``
     writes them again), and with ``drop_evals_at_step`` the evaluation lines at ``step`` too."""
-    if not self.enabled or not os.path.exists(self.jsonl_path):
+    if not self.enabled or not epath.Path(self.jsonl_path).exists():
       return
-    with open(self.jsonl_path) as f:
+    with epath.Path(self.jsonl_path).open("r") as f:
       lines = f.readlines()
 
     def keep(line):
@@ -132,13 +151,17 @@ class MetricWriter:
     kept = [line for line in lines if keep(line)]
     if len(kept) == len(lines):
       return
-    tmp = self.jsonl_path + ".tmp"
+    if self._url:  # an object is replaced whole when written
+      with self._reporting_errors(self.jsonl_path):
+        epath.Path(self.jsonl_path).write_text("".join(kept))
+      return
+    tmp = epath.Path(self.jsonl_path + ".tmp")
     with self._reporting_errors(tmp):
-      with open(tmp, "w") as f:
+      with tmp.open("w") as f:
         f.writelines(kept)
         f.flush()
         os.fsync(f.fileno())
-      os.replace(tmp, self.jsonl_path)
+      tmp.replace(self.jsonl_path)
 
   @contextlib.contextmanager
   def _reporting_errors(self, path):
@@ -152,17 +175,21 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items()}
+    line = json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n"
     with self._reporting_errors(self.jsonl_path):
-      with open(self.jsonl_path, "a") as f:
-        f.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+      if self._url:  # no appends on an object store: the file is rewritten with the new line
+        path = epath.Path(self.jsonl_path)
+        path.write_text((path.read_text() if path.exists() else "") + line)
+      else:
+        with epath.Path(self.jsonl_path).open("a") as f:
+          f.write(line)
+          f.flush()
+          os.fsync(f.fileno())
     with self._reporting_errors(self.events_path):
-      self._events.write(tfrecord(encode_event(time.time(), int(step), scalars=scalars)))
-      self._events.flush()
+      self._append_event(tfrecord(encode_event(time.time(), int(step), scalars=scalars)))
 
   def close(self):
-    if self.enabled and not self._events.closed:
+    if self.enabled and self._events is not None and not self._events.closed:
       self._events.close()
 
 
@@ -173,9 +200,9 @@ def read_metrics(path: str) -> list[dict]:
   any other line that is not a JSON object with an integer ``step`` is an error naming the file
   and line.
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return []
-  with open(path) as f:
+  with epath.Path(path).open("r") as f:
     lines = f.readlines()
   records = []
   for number, line in enumerate(lines, start=1):

@@ -7,6 +7,8 @@ The output directory is a complete tfds dataset, read with
 ``tfds.builder_from_directory(OUT).as_data_source(SPLIT)``, plus ``import_summary.json`` (records
 written and skipped per split, per-reason counts, the first offending ids and files). It appears
 only once the import has finished; a dataset already there is kept unless ``--overwrite``.
+``--out`` may be a URL (``gs://bucket/mmret/flickr30k``): the dataset is generated in a local
+temporary directory and copied there (see ``mmret.data.importers.writer``).
 Bad records (missing or corrupt image, empty caption, missing field, duplicate id) are skipped and
 counted, or with ``--on_error=fail`` stop the import with an error naming the file and record.
 Progress goes to stderr: per split, the records done of those counted in a first pass over the
@@ -77,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--src", required=True, help="source folder (layout per format: see the examples above)"
   )
-  parser.add_argument("--out", required=True, help="dataset directory to create")
+  parser.add_argument(
+      "--out", required=True, help="dataset directory to create (local path or gs://...)"
+  )
   parser.add_argument(
       "--split",
       help="split to import / output split name (default per format: "

@@ -2,11 +2,16 @@
 
 Multi-host: pass ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or ``--distributed=auto`` to let JAX
-detect the cluster (TPU pods, SLURM). On CPU, collectives across processes use gloo.
+detect the cluster (TPU pods, SLURM). Under SLURM each task is one JAX process, and
+``slurm_layout`` decides which GPUs it uses (``--local_devices``). On CPU, collectives across
+processes use gloo.
 """
 
 import collections
+import dataclasses
 import os
+import platform
+import re
 
 from absl import app, flags, logging
 
@@ -18,6 +23,14 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "off",
     ["off", "auto"],
     "'auto': jax.distributed.initialize() detects the cluster.",
+)
+_LOCAL_DEVICES = flags.DEFINE_enum(
+    "local_devices",
+    "auto",
+    ["auto", "all"],
+    "Under SLURM with --distributed=auto: 'auto' gives each task one GPU, the one whose index is "
+    "its SLURM_LOCALID (one task per GPU), or the GPUs SLURM bound to the task (--gpus-per-task); "
+    "'all': each task uses every GPU it sees (one task per node).",
 )
 _PLATFORM = flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
 _COMPILATION_CACHE = flags.DEFINE_string(
@@ -42,6 +55,164 @@ def _distributed_args():
         "JAX_PROCESS_ID)"
     )
   return (address, int(count), int(index)) if all(given) else None
+
+
+# What JAX's SLURM detection reads: without all of them it does not see a SLURM task.
+_SLURM_TASK_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
+
+
+class SlurmLayoutError(ValueError):
+  """The SLURM allocation and the ``--local_devices`` choice do not give each task its own GPUs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmLayout:
+  """Where one SLURM task stands and which of the GPUs it sees it uses.
+
+  ``local_device_ids`` goes to ``jax.distributed.initialize``: None leaves the choice to JAX (no
+  GPU information), [] keeps every visible device (JAX narrows only for a non-empty list and fills
+  in SLURM_LOCALID only for None). ``local_devices`` is the number of devices the process must
+  see (None when unknown); ``warnings`` are for the log."""
+
+  task: int
+  tasks: int
+  node: str
+  node_index: int
+  nodes: int
+  local_task: int
+  tasks_on_node: int
+  node_gpus: int | None
+  local_device_ids: list[int] | None
+  local_devices: int | None
+  warnings: tuple[str, ...] = ()
+
+  def describe(self, local_devices: int) -> str:
+    """The line every process logs after joining the job."""
+    gpus = f" of the node's {self.node_gpus} GPUs" if self.node_gpus is not None else ""
+    return (
+        f"SLURM task {self.task}/{self.tasks} on node {self.node} (node {self.node_index}/"
+        f"{self.nodes}, local task {self.local_task}/{self.tasks_on_node}): {local_devices} local "
+        f"devices{gpus}"
+    )
+
+
+def _tasks_on_node(env, node_index: int, tasks: int, nodes: int) -> int:
+  """Tasks of this step on node ``node_index``, from SLURM's compressed list ('8(x4)', '2(x3),1')."""
+  spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+  if spec:
+    counts = []
+    for part in spec.split(","):
+      match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+      if match:
+        counts += [int(match[1])] * int(match[2] or 1)
+    if node_index < len(counts):
+      return counts[node_index]
+  if env.get("SLURM_NTASKS_PER_NODE"):
+    return int(env["SLURM_NTASKS_PER_NODE"])
+  return -(-tasks // max(nodes, 1))
+
+
+def slurm_layout(env, local_devices: str = "auto") -> SlurmLayout | None:
+  """The GPUs of one SLURM task, from its environment ``env`` (a dict such as ``os.environ``);
+  None outside a SLURM task.
+
+  ``local_devices='auto'``: one task per GPU, task SLURM_LOCALID takes GPU SLURM_LOCALID of those
+  the node's tasks see (JAX's own choice), unless SLURM bound GPUs to each task (--gpus-per-task,
+  --gpu-bind: CUDA_VISIBLE_DEVICES lists fewer GPUs than SLURM_GPUS_ON_NODE), where GPU
+  SLURM_LOCALID would not exist and the task takes the GPUs it sees. ``'all'``: one task per node,
+  which takes every GPU it sees. Raises ``SlurmLayoutError`` when tasks would share a GPU or pick
+  one they cannot see; GPUs that no task uses are a warning."""
+  if not all(name in env for name in _SLURM_TASK_VARS):
+    return None
+  task, tasks = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+  local_task, node_index = int(env["SLURM_LOCALID"]), int(env.get("SLURM_NODEID") or 0)
+  nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+  tasks_on_node = _tasks_on_node(env, node_index, tasks, nodes)
+  per_node_var = f"SLURM_NTASKS={tasks} over {nodes} nodes"
+  for name in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):
+    per_node_var = f"{name}={env[name]}" if env.get(name) else per_node_var
+  cuda = env.get("CUDA_VISIBLE_DEVICES")
+  listed = len([gpu for gpu in (cuda or "").split(",") if gpu.strip() not in ("", "NoDevFiles")])
+  node_gpus = int(env.get("SLURM_GPUS_ON_NODE") or 0) or listed or None
+  visible = (node_gpus if cuda is None else listed) or None  # GPUs the task sees; None: unknown
+  seen = f"CUDA_VISIBLE_DEVICES={cuda}" if cuda is not None else f"SLURM_GPUS_ON_NODE={node_gpus}"
+  per_task = re.search(r"(\d+)$", env.get("SLURM_GPUS_PER_TASK", ""))
+  # SLURM gave this task GPUs of its own: it sees fewer than the node has, or exactly its share.
+  own = visible is not None and (
+      visible < node_gpus or (per_task is not None and visible == int(per_task[1]))
+  )
+  where = f"task {task} (SLURM_PROCID) on node {node_index} (SLURM_NODEID)"
+  warnings = []
+  if env.get("JAX_LOCAL_DEVICE_IDS"):  # set by hand: it wins
+    ids = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    count = len(ids)
+  elif visible is None:  # no GPU information (CPU or TPU nodes)
+    ids, count = ([] if local_devices == "all" else None), None
+  elif local_devices == "all" or own:
+    if local_devices == "all" and tasks_on_node > 1 and not own:
+      raise SlurmLayoutError(
+          f"--local_devices=all gives each task every GPU it sees, but {tasks_on_node} tasks on "
+          f"the node ({per_node_var}) see the same {visible} GPUs ({seen}): start one task per "
+          "node (sbatch --ntasks-per-node=1), or one per GPU without --local_devices=all"
+      )
+    ids, count = list(range(visible)), visible
+    if local_devices == "auto" and tasks_on_node > 1:
+      warnings.append(
+          f"SLURM bound {visible} of the node's {node_gpus} GPUs to {where} ({seen}, "
+          f"SLURM_GPUS_ON_NODE={node_gpus}): it uses those instead of GPU {local_task} "
+          "(SLURM_LOCALID); sbatch --gpus-per-node instead of --gpus-per-task lets every task "
+          "see the whole node"
+      )
+  elif local_task < visible:
+    ids, count = [local_task], 1
+  else:
+    raise SlurmLayoutError(
+        f"{where} would use GPU {local_task} (SLURM_LOCALID={local_task}), but it sees "
+        f"{visible} GPUs ({seen}): more tasks on the node ({per_node_var}) than GPUs. Start one "
+        "task per GPU (sbatch --ntasks-per-node=<GPUs per node>), or one per node with "
+        "--local_devices=all"
+    )
+  if count is not None and node_gpus is not None and tasks_on_node * count < node_gpus:
+    warnings.append(
+        f"{tasks_on_node} task(s) x {count} GPU(s) use {tasks_on_node * count} of the node's "
+        f"{node_gpus} GPUs ({per_node_var}, SLURM_GPUS_ON_NODE={node_gpus}): start one task per "
+        f"GPU (sbatch --ntasks-per-node={node_gpus}), or one per node with --local_devices=all"
+    )
+  return SlurmLayout(
+      task=task,
+      tasks=tasks,
+      node=env.get("SLURMD_NODENAME") or platform.node(),
+      node_index=node_index,
+      nodes=nodes,
+      local_task=local_task,
+      tasks_on_node=tasks_on_node,
+      node_gpus=node_gpus,
+      local_device_ids=ids,
+      local_devices=count,
+      warnings=tuple(warnings),
+  )
+
+
+def check_slurm_devices(layout: SlurmLayout, local_devices: int, platform_name: str):
+  """After joining the job: (the line to log, whether the process sees as many devices as its
+  layout gives it). A GPU process that sees another number raises ``SlurmLayoutError``."""
+  line = layout.describe(local_devices)
+  if layout.local_devices is None or local_devices == layout.local_devices:
+    return line, True
+  mismatch = (
+      f"{line}, but its layout gives it {layout.local_devices} (GPUs {layout.local_device_ids} of "
+      "those it sees, from SLURM_LOCALID, CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE and "
+      "--local_devices)"
+  )
+  if platform_name in ("gpu", "cuda", "rocm"):
+    raise SlurmLayoutError(mismatch)
+  return mismatch, False
 
 
 class _QuietLibraries:
@@ -116,7 +287,14 @@ def initialize_jax():
       address, count, index = args
       jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
     else:
-      jax.distributed.initialize()
+      layout = slurm_layout(os.environ, _LOCAL_DEVICES.value)
+      for warning in layout.warnings if layout else ():
+        logging.warning("%s", warning)
+      jax.distributed.initialize(local_device_ids=layout.local_device_ids if layout else None)
+      if layout:
+        platform_name = jax.local_devices()[0].platform
+        line, matches = check_slurm_devices(layout, jax.local_device_count(), platform_name)
+        (logging.info if matches else logging.warning)("%s", line)
   logging.info(
       "JAX process %d/%d, %d local / %d global devices (%s); compilation cache: %s",
       jax.process_index(),

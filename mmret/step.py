@@ -5,10 +5,13 @@ gather the other devices' samples over that axis and the body averages gradients
 ``lax.pmean``; with ``axis_name=None`` it is the plain single-device step.
 """
 
+import collections
+import copy
 import functools
 from typing import Any, Callable
 
 import flax
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,11 +165,54 @@ class DeviceMapping:
         k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in local_batch.items()
     }
 
+  def prefetch(self, iterator, depth: int = 2) -> "DevicePrefetch":
+    """``iterator``'s batches placed on the devices ``depth`` batches ahead (see
+    :class:`DevicePrefetch`)."""
+    return DevicePrefetch(iterator, self.put_batch, depth)
+
   def get_metrics(self, metrics):
     """Replicated device metrics -> a dict of host floats."""
     if self.kind == "pmap":
       metrics = jax.tree.map(lambda x: x.addressable_data(0)[0] if x.ndim else x, metrics)
     return {k: float(np.asarray(jax.device_get(v)).reshape(-1)[0]) for k, v in metrics.items()}
+
+
+class DevicePrefetch(grain.DatasetIterator):
+  """Batches of a checkpointable iterator, handed out ``depth`` - 1 batches after their transfer
+  to the devices started, so the next batch's copy overlaps the current step.
+
+  Its state (``get_state``, what checkpoints store) is the position after the batches handed
+  out, not after those read ahead: a resumed run continues with the first batch this run did not
+  train on. ``set_state`` drops what was read ahead.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, put: Callable, depth: int = 2):
+    super().__init__(parent)
+    if depth < 1:
+      raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    self._put, self._depth = put, depth
+    self._ahead = collections.deque()  # (batch on the devices, parent's state after it)
+    self._state = parent.get_state()
+
+  def __next__(self):
+    while len(self._ahead) < self._depth:
+      try:
+        batch = next(self._parent)
+      except StopIteration:
+        break
+      self._ahead.append((self._put(batch), self._parent.get_state()))
+    if not self._ahead:
+      raise StopIteration
+    batch, self._state = self._ahead.popleft()
+    return batch
+
+  def get_state(self):
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state):
+    self._ahead.clear()
+    self._parent.set_state(state)
+    self._state = self._parent.get_state()
 
 
 def init_state(

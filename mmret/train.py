@@ -4,6 +4,10 @@
 directly. Starting with a workdir that holds a checkpoint resumes from it. A recipe with
 ``config.stages`` (e.g. SOLAR's two stages) runs them in order, each in ``workdir/<stage>`` and
 each starting from the previous stage's parameters; a resumed run continues in the right stage.
+
+The workdir may be a local path or a URL (``gs://bucket/run``, as big_vision keeps runs): config,
+metrics, reports, curves and checkpoints are written through ``etils.epath`` and Orbax, and a URL
+is never made into a local path. See ``faults.WorkdirLock`` for the lock on such a workdir.
 """
 
 import contextlib
@@ -19,10 +23,11 @@ from typing import Optional
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mmret import checkpoint as ckpt_lib
-from mmret import faults, feature_cache, gradcache, metrics_writer, optim, registry, runtime
+from mmret import faults, feature_cache, gradcache, metrics_writer, ops, optim, registry, runtime
 from mmret import lora as lora_lib
 from mmret import step as step_lib
 from mmret.data import pipeline, sources
@@ -108,6 +113,18 @@ def loss_function(config):
   return functools.partial(fn, **hparams)
 
 
+def _on_pixels(fn, normalize, position: int):
+  """``fn`` whose batch (positional argument ``position``) has its pixels normalised first."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    args = list(args)
+    args[position] = normalize(args[position])
+    return fn(*args, **kwargs)
+
+  return wrapped
+
+
 class Setup:
   """Everything a config defines that is not state: model, optimizer, method, loss.
 
@@ -135,8 +152,12 @@ class Setup:
     self.method = registry.method(config.method.name)
     method_hparams = _hparams(config.method)
     _check_hparams(self.method.make_forward, method_hparams, "config.method")
-    self.forward = self.method.make_forward(self.model, **method_hparams)
-    self.predict = self.method.make_predict(self.model, **method_hparams)
+    # Batches carry uint8 pixels; the jitted step and embedding pass normalise them first.
+    pixels = functools.partial(
+        ops.with_normalized_pixels, mean=tuple(config.input.mean), std=tuple(config.input.std)
+    )
+    self.forward = _on_pixels(self.method.make_forward(self.model, **method_hparams), pixels, 2)
+    self.predict = _on_pixels(self.method.make_predict(self.model, **method_hparams), pixels, 1)
     if self.lora is not None:
       self.forward = self._on_merged(self.forward, self.merge_lora)
       self.predict = self._on_merged(self.predict, self.merge_lora)
@@ -248,7 +269,7 @@ def load_params(config, workdir: str):
   the next stage starts from and ``Setup.predict`` takes)."""
   setup = Setup(config)
   abstract = setup.abstract_state(step_lib.DeviceMapping(config.mapping))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
   try:
     params = checkpointer.restore(abstract).params
   finally:
@@ -301,11 +322,11 @@ def train_stage(
   """
   faults.check_config(config)
   check_batch_size(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = os.fspath(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_writer = jax.process_index() == 0
   if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   setup = Setup(config)
   mapping = step_lib.DeviceMapping(config.mapping)
   # On CPU, collectives of steps dispatched back to back can deadlock XLA's rendezvous:
@@ -332,7 +353,7 @@ def train_stage(
   # images; evaluations embed from cached outputs too (mmret/feature_cache.py).
   eval_batches_fn = None
   if feature_cache.enabled(config, setup.frozen_mask):
-    towers = feature_cache.TowerPass(setup.model, state.params)
+    towers = feature_cache.TowerPass(setup.model, state.params, config.input)
     position = data_iter.get_state()
     data_iter = pipeline.make_train_iterator(
         config.input,
@@ -344,6 +365,9 @@ def train_stage(
     data_iter.set_state(position)
     eval_batches_fn = feature_cache.EvalBatches(towers, config.input)
 
+  # The next batch is copied to the devices while the current step runs (checkpoints keep the
+  # position of the batches trained on, not of those read ahead).
+  data_iter = mapping.prefetch(data_iter, depth=2)
   train_fn = mapping.compile(setup.step_body())
   native_state = mapping.put_state(state)
   del state
@@ -400,7 +424,7 @@ def train_stage(
   interval_start, interval_steps, metrics = time.time(), 0, None
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = mapping.put_batch(next(data_iter))
+      batch = next(data_iter)
       if step == start + 1:  # logged before the silent compile of the first step
         compiling = progress.Progress("compiling the train step (the first step)")
         cache_before = runtime.compilation_cache_events()
@@ -460,7 +484,7 @@ def train_stage(
       **results,
   }
   if is_writer:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+    with (epath.Path(workdir) / "final_metrics.json").open("w") as f:
       json.dump(final, f, indent=2)
     report.write_training_curves(workdir, HEADLINE_METRICS, errors="log")  # <workdir>/curves.png
   return final
@@ -502,7 +526,7 @@ def stage_configs(config):
 
 def stage_dir(workdir: str, stage_name) -> str:
   """Where a stage runs: ``workdir/<stage>``, or ``workdir`` itself for a one-stage recipe."""
-  return os.path.join(workdir, stage_name) if stage_name else workdir
+  return os.path.join(os.fspath(workdir), stage_name) if stage_name else workdir
 
 
 def last_stage(config, workdir: str):
@@ -571,8 +595,8 @@ def _run_stages(config, workdir, stages, signals):
 
 
 def _finished(config, workdir: str) -> bool:
-  path = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(path):
+  path = os.path.join(os.fspath(workdir), "checkpoints")
+  if not epath.Path(path).is_dir():
     return False
   checkpointer = ckpt_lib.Checkpointer(path)
   try:

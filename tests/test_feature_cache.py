@@ -34,11 +34,13 @@ def _config(data_dir, cache_dir, *, recipe=clip, arg="steps=4", **input_override
   return config
 
 
-def _tower_outputs(setup, params, batch):
-  """The towers' own forward pass on a pixel/token batch (independent of the cache's code)."""
+def _tower_outputs(setup, params, batch, input_cfg):
+  """The towers' own forward pass on a pixel/token batch (independent of the cache's code),
+  with the uint8 pixels normalised on the host."""
+  pixels = (batch["image"] / 255.0 - np.asarray(input_cfg.mean)) / np.asarray(input_cfg.std)
   image = setup.model.apply(
       {"params": params},
-      batch["image"],
+      pixels.astype(np.float32),
       method=lambda m, x: m.image_tower(x, train=False),
   )
   text = setup.model.apply(
@@ -84,7 +86,7 @@ def test_cached_batches_hold_the_towers_outputs_and_the_same_stream(world_data_d
   config = _config(world_data_dir, tmp_path)
   setup = train.Setup(config)
   params = jax.jit(lambda k: setup.model.init(k, setup.example)["params"])(jax.random.PRNGKey(3))
-  towers = feature_cache.TowerPass(setup.model, params)
+  towers = feature_cache.TowerPass(setup.model, params, config.input)
   stores = feature_cache.for_training(config, towers)
   (directory,) = [s.directory for s in stores]
   manifest = json.load(open(os.path.join(directory, feature_cache.MANIFEST)))
@@ -98,7 +100,7 @@ def test_cached_batches_hold_the_towers_outputs_and_the_same_stream(world_data_d
     assert "image" not in b and "image" in a
     for key in ("text_ids", "text_mask", "text_intersection", "image_labels"):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    expected = _tower_outputs(setup, params, a)
+    expected = _tower_outputs(setup, params, a, config.input)
     for key, value in expected.items():
       np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
 
@@ -114,7 +116,9 @@ def test_cached_batches_hold_the_towers_outputs_and_the_same_stream(world_data_d
 
   # Different tower weights are a different cache.
   other = jax.tree.map(lambda x: x + 1.0, params)
-  (other_store,) = feature_cache.for_training(config, feature_cache.TowerPass(setup.model, other))
+  (other_store,) = feature_cache.for_training(
+      config, feature_cache.TowerPass(setup.model, other, config.input)
+  )
   assert other_store.directory != directory
 
 
@@ -142,7 +146,7 @@ def test_a_step_on_cached_outputs_equals_the_step_on_pixels(recipe, world_data_d
   mapping = step_lib.DeviceMapping(config.mapping)
   state = setup.init_state(config, mapping)
   state = jax.device_get(state)
-  towers = feature_cache.TowerPass(setup.model, state.params)
+  towers = feature_cache.TowerPass(setup.model, state.params, config.input)
   stores = feature_cache.for_training(config, towers)
   plain = next(pipeline.make_train_iterator(config.input, seed=1))
   cached = next(pipeline.make_train_iterator(config.input, seed=1, features=stores))

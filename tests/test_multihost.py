@@ -1,6 +1,8 @@
-"""Multi-host: 2 processes x 4 CPU devices (gloo collectives), started by launch/local.sh from
-another directory with the config's absolute path, train like 1 process x 8 devices (shard_map
-here; the pmap mapping across 2 processes is tested with preemption in test_faults.py)."""
+"""Multi-host: 2 processes x 4 CPU devices (gloo collectives), started by launch/slurm_gpu.sbatch
+under an emulated SLURM job of 2 nodes (both on this machine, each with 4 fake devices standing in
+for its GPUs, one task per node with --local_devices=all) from another directory with the config's
+absolute path, train like 1 process x 8 devices (shard_map here; the pmap mapping across 2
+processes is tested with preemption in test_faults.py)."""
 
 import json
 import os
@@ -13,15 +15,13 @@ import pytest
 from configs import clip
 from mmret import train
 from mmret.data import sources
+from test_launchers import run_sbatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(workdir, data_dir, mapping, config="configs/clip.py"):
+def _args(workdir, data_dir, mapping, config):
   return [
-      sys.executable,
-      "-m",
-      "mmret.main",
       f"--config={config}:steps=3,evals=false",
       f"--workdir={workdir}",
       f"--config.input.data_dir={data_dir}",
@@ -47,30 +47,27 @@ def test_two_processes_match_one(tmp_path, world_data_dir):
   config.model.image.depth = config.model.text.depth = 1
   single = str(tmp_path / "single")
   train.run(config, single)
-  # Launched from another working directory with the config's absolute path (configs import only
-  # the installed package).
+  # Submitted from another directory with the config's absolute path (configs import only the
+  # installed package).
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  launches = {"shard_map": (os.path.join(REPO, "configs", "clip.py"), elsewhere)}
-  for mapping, (config_path, cwd) in launches.items():
-    multi = str(tmp_path / f"multi_{mapping}")
-    launcher = [os.path.join(REPO, "launch", "local.sh"), "2", "4", "--"]
-    result = subprocess.run(
-        launcher + _command(multi, data_dir, mapping, config_path),
-        cwd=cwd,
-        env=dict(os.environ),
-        timeout=600,
-        capture_output=True,
-        text=True,
-    )
-    logs = "".join(
-        open(os.path.join(multi, f"proc{i}.log")).read()[-3000:]
-        for i in range(2)
-        if os.path.exists(os.path.join(multi, f"proc{i}.log"))
-    )
-    assert result.returncode == 0, result.stderr + logs
-    assert "JAX process 1/2, 4 local / 8 global devices" in logs
-    # Same global batch (each process feeds its half), same collectives: the same losses (the two
-    # mappings agree to float32 rounding).
-    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-5, err_msg=mapping)
-    assert sorted(os.listdir(os.path.join(multi, "checkpoints")))[:1] == ["3"]
+  mapping, config_path = "shard_map", os.path.join(REPO, "configs", "clip.py")
+  multi = str(tmp_path / f"multi_{mapping}")
+  # sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=4 launch/slurm_gpu.sbatch ...
+  result = run_sbatch(
+      ["--local_devices=all"] + _args(multi, data_dir, mapping, config_path),
+      nodes=2,
+      ntasks_per_node=1,
+      gpus_per_node=4,
+      submit_dir=elsewhere,
+      bin_dir=tmp_path / "slurm_bin",
+  )
+  logs = result.stdout + result.stderr
+  assert result.returncode == 0, logs[-6000:]
+  for i, node in enumerate(["localhost", "127.0.0.1"]):
+    assert f"JAX process {i}/2, 4 local / 8 global devices" in logs, logs[-6000:]
+    assert f"SLURM task {i}/2 on node {node} (node {i}/2, local task 0/1): 4 local devices" in logs
+  # Same global batch (each process feeds its half), same collectives: the same losses (the two
+  # mappings agree to float32 rounding).
+  np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-5, err_msg=mapping)
+  assert sorted(os.listdir(os.path.join(multi, "checkpoints")))[:1] == ["3"]

@@ -156,8 +156,10 @@ def _cfg(data, *, train=None, **overrides):
 
 
 def _pixels(cfg, image):
-  """Normalised float image -> uint8 pixels."""
-  return np.round((image * np.asarray(cfg.std) + np.asarray(cfg.mean)) * 255).astype(int)
+  """A batch's image as integer pixels (batches carry the uint8 pixels themselves)."""
+  del cfg
+  assert image.dtype == np.uint8, image.dtype
+  return image.astype(int)
 
 
 def _record_indices(cfg, batch):
@@ -181,7 +183,7 @@ def test_batches_have_static_shapes_and_ground_truth(data):
   iterator = pipeline.make_train_iterator(cfg, seed=0)
   for batch in _take(iterator, 4):  # crosses an epoch boundary (24 records, 8 per batch)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "image": ((8, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+        "image": ((8, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
         "text_ids": ((8, 8), np.int32),
         "text_mask": ((8, 8), bool),
         "text_intersection": ((8, 8), np.int32),
@@ -424,7 +426,7 @@ def test_default_pipeline_on_the_world(world_dir):
   batch = next(pipeline.make_train_iterator(cfg, seed=0))
   size = cfg.image_size
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      "image": ((8, size, size, 3), np.float32),
+      "image": ((8, size, size, 3), np.uint8),
       "text_ids": ((8, 64), np.int32),
       "text_mask": ((8, 64), bool),
       "text_intersection": ((8, 64), np.int32),

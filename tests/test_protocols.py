@@ -86,7 +86,10 @@ def _numpy_normalize(x):
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-def test_embed_items_on_8_devices_equals_single_device():
+# 0: each batch read back before the next is dispatched (the CPU default); 2: two batches in
+# flight (the accelerators' default) must give the same rows in the same order.
+@pytest.mark.parametrize("in_flight", [0, 2])
+def test_embed_items_on_8_devices_equals_single_device(in_flight):
   assert jax.local_device_count() == 8 and embed.local_mesh().size == 8
   rng = np.random.default_rng(0)
   vectors = rng.normal(size=(37, DIM)).astype(np.float32)
@@ -105,6 +108,7 @@ def test_embed_items_on_8_devices_equals_single_device():
         batch_size=12,
         params={"w": w},
         batches_fn=fake_eval_batches,
+        in_flight=in_flight,
     )
     # Single-device reference: the whole set in one batch on one device.
     batch = {}

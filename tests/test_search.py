@@ -1,5 +1,7 @@
 """Exact blocked search against a dense brute force; ScaNN parameters, search and recall."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,76 @@ def test_scann_search_reports_recall_against_exact():
 def test_search_rejects_unknown_method():
   with pytest.raises(ValueError, match="search method"):
     search.search(np.ones((1, 2)), np.ones((3, 2)), 1, method="faiss")
+
+
+def _as_processes(count, run):
+  """Runs ``run(processes)`` in ``count`` threads standing in for the processes of a job, each
+  with its (index, count, allgather) triple; returns every process's result."""
+  barrier = threading.Barrier(count)
+  slots, results = [None] * count, [None] * count
+
+  def worker(index):
+    def allgather(x):
+      slots[index] = np.asarray(x)
+      barrier.wait()
+      stacked = np.stack(slots)
+      barrier.wait()  # nobody overwrites a slot before every process has read them all
+      return stacked
+
+    results[index] = run((index, count, allgather))
+
+  threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  return results
+
+
+@pytest.mark.parametrize("count,num_queries", [(3, 50), (4, 2)])
+def test_processes_split_the_queries_and_each_gets_the_whole_search(count, num_queries):
+  rng = np.random.default_rng(1)
+  candidates = _unit(rng, 300, 16)
+  queries = _unit(rng, num_queries, 16)
+  one = search.search(queries, candidates, 7, method="exact")
+  results = _as_processes(
+      count, lambda p: search.search(queries, candidates, 7, method="exact", processes=p)
+  )
+  for result in results:  # (4, 2): two processes have no query at all
+    np.testing.assert_array_equal(result.indices, one.indices)
+    np.testing.assert_allclose(result.scores, one.scores, rtol=1e-6)  # other matmul shapes
+
+
+def test_each_process_searches_only_its_share(monkeypatch):
+  rng = np.random.default_rng(2)
+  candidates, queries = _unit(rng, 200, 8), _unit(rng, 40, 8)
+  searched = []
+  original = search.exact_search
+
+  def recording(q, c, k, **kwargs):
+    searched.append(len(q))
+    return original(q, c, k, **kwargs)
+
+  monkeypatch.setattr(search, "exact_search", recording)
+  _as_processes(4, lambda p: search.search(queries, candidates, 5, method="exact", processes=p))
+  assert sorted(searched) == [10, 10, 10, 10]  # 40 queries searched once in all, not 4 x 40
+
+
+def test_scann_over_processes_reports_the_recall_of_all_samples():
+  rng = np.random.default_rng(3)
+  centres = _unit(rng, 40, 16)
+  candidates = centres[rng.integers(0, 40, 3000)] + 0.3 * rng.normal(size=(3000, 16))
+  candidates = (candidates / np.linalg.norm(candidates, axis=1, keepdims=True)).astype(np.float32)
+  queries = candidates[:90] + 0.05 * rng.normal(size=(90, 16)).astype(np.float32)
+  results = _as_processes(
+      3, lambda p: search.search(queries, candidates, 10, method="scann", processes=p)
+  )
+  first = results[0]
+  assert first.indices.shape == (90, 10) and first.method == "scann"
+  for other in results[1:]:
+    np.testing.assert_array_equal(other.indices, first.indices)
+    assert other.info == first.info
+  # The reported recall is the overlap with exact search over every process's queries.
+  _, exact = search.exact_search(queries, candidates, 10)
+  overlap = np.mean([len(np.intersect1d(a, e)) for a, e in zip(first.indices, exact)]) / 10
+  assert first.info["recall_vs_exact"] == pytest.approx(overlap)

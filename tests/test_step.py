@@ -79,3 +79,55 @@ def test_frozen_tower_gets_no_update_and_no_backward_pass():
   _, _, full_flops = step_and_flops("")
   # The image tower's backward pass is gone (its forward pass stays).
   assert frozen_flops < 0.9 * full_flops, (frozen_flops, full_flops)
+
+
+def test_prefetched_batches_are_on_the_devices_and_checkpoints_keep_the_trained_position():
+  import grain  # noqa: PLC0415
+
+  rows = grain.MapDataset.range(64).map(lambda i: {"x": np.full((3,), i, np.int32)}).batch(8)
+  mapping = step_lib.DeviceMapping("shard_map")
+  prefetched = mapping.prefetch(iter(rows), depth=3)
+  first = next(prefetched)
+  assert isinstance(first["x"], jax.Array) and first["x"].sharding == mapping.sharded
+  np.testing.assert_array_equal(np.asarray(first["x"])[:, 0], np.arange(8))
+  # Three batches were read (two ahead), but the position is the one after the batch handed out.
+  assert prefetched._parent.get_state() == {"next_index": 3}
+  assert prefetched.get_state() == {"next_index": 1}
+  saved = prefetched.get_state()
+  later = [np.asarray(next(prefetched)["x"])[:, 0] for _ in range(3)]
+  prefetched.set_state(saved)  # what a resume does: the batches after the saved position
+  again = [np.asarray(next(prefetched)["x"])[:, 0] for _ in range(3)]
+  for a, b, start in zip(later, again, (8, 16, 24)):
+    np.testing.assert_array_equal(a, np.arange(start, start + 8))
+    np.testing.assert_array_equal(b, a)
+  rest = list(prefetched)  # the stream's end: every batch once, then StopIteration
+  assert [int(np.asarray(b["x"])[0, 0]) for b in rest] == [32, 40, 48, 56]
+
+
+def test_uint8_pixels_go_to_the_device_and_the_step_normalises_them():
+  from mmret import train  # noqa: PLC0415
+
+  config = config_lib.base_config(size="tiny")
+  config.input.image_size, config.input.max_text_len = 16, 8
+  config.model.image.patch_size = 4
+  config.model.image.depth = config.model.text.depth = 1
+  config.input.mean, config.input.std = (0.2, 0.5, 0.7), (0.3, 0.1, 0.25)
+  setup = train.Setup(config, vocab_size=50)
+  params = jax.jit(setup.model.init)(jax.random.PRNGKey(0), setup.example)["params"]
+  batch = _batch(4, image_size=16)
+  pixels = np.random.default_rng(3).integers(0, 256, size=(4, 16, 16, 3)).astype(np.uint8)
+  # Independent reference: float64 normalisation on the host.
+  reference = ((pixels / 255.0 - np.array(config.input.mean)) / np.array(config.input.std))
+  on_device = jax.jit(setup.predict)(params, dict(batch, image=pixels))
+  on_host = jax.jit(setup.predict)(params, dict(batch, image=reference.astype(np.float32)))
+  for key in ("z_image", "z_joint", "image_tokens"):
+    np.testing.assert_allclose(on_device[key], on_host[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # The train step's forward normalises the same way (its loss equals the host-normalised one).
+  loss_fn = setup.loss_fn
+  outputs = {}
+  for name, image in (("device", pixels), ("host", reference.astype(np.float32))):
+    run = jax.jit(
+        lambda p, b: setup.forward(p, {}, b, rng=jax.random.PRNGKey(0), step=0, axis_name=None)
+    )
+    outputs[name] = loss_fn(run(params, dict(batch, image=image)), batch, axis_name=None)[0]
+  np.testing.assert_allclose(outputs["device"], outputs["host"], rtol=1e-5)

@@ -8,7 +8,8 @@ position in the stream)``, so a stream is reproducible, resumable from ``get_sta
 same for any number of workers.
 
 Batches (dicts of numpy arrays, static shapes):
-  ``image`` float32 [b,H,W,3] normalised, ``text_ids`` int32 [b,L], ``text_mask`` bool [b,L];
+  ``image`` uint8 [b,H,W,3] (the jitted step and embedding pass normalise it with ``input.mean``
+  and ``input.std``: ``mmret.ops.normalize_pixels``), ``text_ids`` int32 [b,L], ``text_mask`` bool [b,L];
   with ground truth also ``text_intersection`` int32 [b,L] and ``image_labels`` uint8 [b,H,W].
 """
 
@@ -44,7 +45,9 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.batch_size = 64  # global; each process gets batch_size // process_count
   cfg.image_size = 32
   cfg.max_text_len = 64  # including the start and end tokens; world captions have <= ~51 words
-  cfg.tokenizer = "world"  # world | word:PATH | bpe:PATH | wordpiece:PATH
+  # dataset (the training dataset's own word vocabulary; 'world' is the same) | word:PATH |
+  # bpe:PATH | wordpiece:PATH
+  cfg.tokenizer = "dataset"
   # CLIP's per-channel statistics (match CLIP-pretrained towers; harmless from scratch).
   cfg.mean = (0.48145466, 0.4578275, 0.40821073)
   cfg.std = (0.26862954, 0.26130258, 0.27577711)
@@ -73,7 +76,8 @@ def _tokenizer(spec: str, dataset: str | None, data_dir: str | None) -> tokenize
 
 
 def tokenizer_for(input_cfg) -> tokenizers.Tokenizer:
-  """The (cached) tokenizer of ``input_cfg``; ``'world'`` reads the first training dataset."""
+  """The (cached) tokenizer of ``input_cfg``; ``'dataset'`` reads the first training dataset's
+  vocabulary."""
   dataset = input_cfg.train[0]["dataset"] if input_cfg.get("train") else None
   return _tokenizer(input_cfg.tokenizer, dataset, input_cfg.data_dir)
 
@@ -112,7 +116,6 @@ class TrainExample:
     self.with_ground_truth = with_ground_truth
     self.image_size = int(input_cfg.image_size)
     self.max_text_len = int(input_cfg.max_text_len)
-    self.mean, self.std = tuple(input_cfg.mean), tuple(input_cfg.std)
     self.crop_scale = tuple(input_cfg.augment.crop_scale)
     self.crop_ratio = tuple(input_cfg.augment.crop_ratio)
     self.flip = bool(input_cfg.augment.flip)
@@ -137,7 +140,7 @@ class TrainExample:
     store = self.features[source_index]
     if store is None:
       image, labels = self._augmented_image(record, where, rng)
-      example = {"image": np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))}
+      example = {"image": np.ascontiguousarray(image)}  # uint8: normalised on the device
     else:  # the tower's outputs for this record's (unaugmented) image stand in for its pixels
       labels = self._labels(record, where, None) if self.with_ground_truth else None
       example = store.image_row(record_index)
@@ -163,11 +166,11 @@ class TrainExample:
     return {"text_ids": ids[0], "text_mask": mask[0]}
 
   def plain_image(self, record, where: str) -> np.ndarray:
-    """The record's image as training sees it without augmentation: resized and normalised."""
+    """The record's image as training sees it without augmentation: resized, uint8."""
     image = preprocess.crop_resize(
         preprocess.decode_image(record.get("image"), where=where), None, self.image_size
     )
-    return np.ascontiguousarray(preprocess.normalize(image, self.mean, self.std))
+    return np.ascontiguousarray(image)
 
   def _labels(self, record, where: str, image_shape) -> np.ndarray:
     """The record's pixel labels, resized as an unaugmented image (shape-checked when given)."""
@@ -347,7 +350,6 @@ class EvalExample:
     self.with_image, self.with_text = with_image, with_text
     self.image_size = int(input_cfg.image_size)
     self.max_text_len = int(input_cfg.max_text_len)
-    self.mean, self.std = tuple(input_cfg.mean), tuple(input_cfg.std)
     self.tokenizer = tokenizer_for(input_cfg) if with_text else None
 
   def __call__(self, element) -> dict[str, np.ndarray]:
@@ -363,12 +365,10 @@ class EvalExample:
         )
     if self.with_image:
       if item is None:
-        image = np.zeros((self.image_size, self.image_size, 3), np.float32)
+        image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
       else:
         pixels = preprocess.decode_image(item["image"], where=where)
-        image = preprocess.normalize(
-            preprocess.crop_resize(pixels, None, self.image_size), self.mean, self.std
-        )
+        image = preprocess.crop_resize(pixels, None, self.image_size)
       example["image"] = np.ascontiguousarray(image)
     if self.with_text:
       # Padding rows hold an empty text (start + end tokens) so no row is fully masked.

@@ -1,4 +1,5 @@
-"""Image decoding, random-resized crop, flip and normalisation (numpy + PIL, no framework).
+"""Image decoding, random-resized crop and flip (numpy + PIL, no framework); the pixels stay uint8
+and are normalised on the device (``mmret.ops.normalize_pixels``).
 
 Per-pixel labels go through exactly the same crop box and flip as their image and are resized
 with nearest neighbour, so a label keeps pointing at the pixels it describes.
@@ -13,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["decode_image", "sample_crop_box", "crop_resize", "normalize"]
+__all__ = ["decode_image", "sample_crop_box", "crop_resize"]
 
 
 def decode_image(data, *, where: str) -> np.ndarray:
@@ -90,10 +91,3 @@ def crop_resize(
   resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
   resized = image.resize((size, size), resample, box=(left, top, left + crop_w, top + crop_h))
   return np.asarray(resized)
-
-
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 [..., 3] -> float32 ``(x / 255 - mean) / std`` per channel."""
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  return (image.astype(np.float32) / 255.0 - mean) / std

@@ -9,6 +9,10 @@ value becomes ``str`` and lists of bytes become lists of ``str``.
 tfds gives all splits of a dataset one feature set. A builder whose module defines
 ``SPLIT_FIELDS`` (split name -> field names, as ``mmret.data.world_builder`` does) has its
 records cut down to their split's own fields, so a record's keys say what it holds.
+
+A dataset directory and ``data_dir`` may be URLs (``gs://bucket/mmret/flickr30k``): they are
+checked through ``etils.epath`` and handed to tfds unchanged (never expanded or made absolute);
+the ArrayRecord reader opens the ``gs://`` shard paths tfds lists itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import sys
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from mmret import faults
 
 __all__ = ["default_data_dir", "load_builder", "open_split", "dataset_metadata", "RecordSource"]
 
@@ -27,13 +34,20 @@ BYTES_FIELDS = frozenset({"image"})
 _WORLD_NAME = "mmret_world"
 
 
+def _expanded(path: str) -> str:
+  """``~`` expanded in a local path; a URL unchanged."""
+  return path if faults.is_url(path) else os.path.expanduser(path)
+
+
 def default_data_dir() -> str:
-  """``$MMRET_DATA_DIR``, else ``~/mmret_data``."""
-  return os.path.expanduser(os.environ.get("MMRET_DATA_DIR", "~/mmret_data"))
+  """``$MMRET_DATA_DIR`` (a local path or a URL), else ``~/mmret_data``."""
+  return _expanded(os.environ.get("MMRET_DATA_DIR", "~/mmret_data"))
 
 
 def _is_directory_spec(dataset: str) -> bool:
-  return dataset.startswith(("/", ".", "~")) or os.path.isdir(dataset)
+  return (
+      faults.is_url(dataset) or dataset.startswith(("/", ".", "~")) or epath.Path(dataset).is_dir()
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,10 +55,10 @@ def load_builder(dataset: str, data_dir: str | None = None):
   """The prepared tfds builder of ``dataset`` (preparing the embedded world when needed)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
+  data_dir = _expanded(data_dir) if data_dir else default_data_dir()
   if _is_directory_spec(dataset):
-    path = os.path.expanduser(dataset)
-    if not os.path.exists(os.path.join(path, "dataset_info.json")):
+    path = _expanded(dataset)
+    if not (epath.Path(path) / "dataset_info.json").exists():
       raise FileNotFoundError(
           f"dataset {dataset!r}: {path} is not a prepared tfds dataset "
           "directory (no dataset_info.json)"

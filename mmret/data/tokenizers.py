@@ -11,7 +11,9 @@ token of that word (special and pad tokens get tag 0); the tokenizers here never
 span two whitespace-separated words, so both variants give the same ids.
 
 Specs understood by :func:`get_tokenizer`:
-  ``'world'``            word vocabulary stored in a dataset's metadata (``metadata['vocab']``)
+  ``'dataset'``          word vocabulary stored in the training dataset's metadata
+                         (``metadata['vocab']``: the embedded world's words, or those of an
+                         import's training captions); ``'world'`` is the same
   ``'word:PATH'``        word vocabulary file, one token per line (see :func:`save_word_vocab`)
   ``'bpe:PATH'``         CLIP's ``bpe_simple_vocab_16e6.txt.gz``
   ``'wordpiece:PATH'``   BERT's ``vocab.txt``
@@ -412,21 +414,28 @@ class WordPieceTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------------------------
 
 
+# Specs of the word vocabulary stored in a dataset's metadata.
+DATASET_SPECS = ("dataset", "world")
+
+
 def get_tokenizer(
     spec: str, *, dataset: str | None = None, data_dir: str | None = None
 ) -> Tokenizer:
   """Builds the tokenizer named by ``spec`` (see the module docstring)."""
   kind, _, path = spec.partition(":")
-  if kind == "world":
+  if kind in DATASET_SPECS and not path:
     if dataset is None:
-      raise ValueError("tokenizer 'world' needs the dataset whose metadata holds the vocabulary")
+      raise ValueError(f"tokenizer {spec!r} needs the dataset whose metadata holds the vocabulary")
     from mmret.data import sources  # pylint: disable=import-outside-toplevel
 
     metadata = sources.dataset_metadata(dataset, data_dir)
     if "vocab" not in metadata:
       raise ValueError(
-          f'dataset {dataset!r} has no "vocab" in its metadata '
-          f"(keys: {sorted(metadata)}); use a word:/bpe:/wordpiece: tokenizer"
+          f"tokenizer {spec!r}: dataset {dataset!r} has no word vocabulary in its metadata "
+          f"(keys: {sorted(metadata)}); a dataset imported before mmret.prepare stored one needs "
+          "importing again (python -m mmret.prepare ... --overwrite), or pass a tokenizer that "
+          "covers its captions: --config.input.tokenizer=word:PATH (one word per line, "
+          "tokenizers.save_word_vocab), bpe:PATH or wordpiece:PATH"
       )
     return WordTokenizer(list(metadata["vocab"]))
   builders = {
@@ -436,7 +445,8 @@ def get_tokenizer(
   }
   if kind not in builders or not path:
     raise ValueError(
-        f"unknown tokenizer spec {spec!r}; expected world, word:PATH, bpe:PATH " "or wordpiece:PATH"
+        f"unknown tokenizer spec {spec!r}; expected dataset (or world), word:PATH, bpe:PATH "
+        "or wordpiece:PATH"
     )
   path = os.path.expanduser(path)
   if not os.path.exists(path):

@@ -7,6 +7,7 @@ mesh of this process's devices; processes embed their own shards and the results
 with ``process_allgather`` and put back in item order.
 """
 
+import collections
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,6 +21,8 @@ from mmret import progress
 # The output key holding the embedding of each record modality.
 EMBEDDING_KEYS = {"image": "z_image", "text": "z_text", "image,text": "z_joint"}
 MESH_AXIS = "data"
+# Embedding batches dispatched ahead of the one being read back (accelerators only).
+IN_FLIGHT = 2
 
 # predict_fn(params, batch) -> model outputs dict (see mmret.models.retrieval).
 PredictFn = Callable[[Any, dict], dict]
@@ -119,6 +122,7 @@ def item_outputs(
     batches_fn: Optional[Callable] = None,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    in_flight: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
   """The model outputs ``keys`` of every item: {key: [len(items), ...]} in item order (float32).
 
@@ -131,6 +135,8 @@ def item_outputs(
     params: model parameters passed to predict_fn (replicated over the mesh).
     mesh: 1-D device mesh splitting each batch; defaults to all local devices.
     batches_fn: ``eval_batches``-compatible batch source; defaults to mmret.data.pipeline's.
+    in_flight: batches dispatched ahead of the one whose outputs are being read back; default
+      ``IN_FLIGHT`` on accelerators, 0 on the CPU.
   """
   keys = tuple(keys)
   mesh = mesh or local_mesh()
@@ -141,6 +147,20 @@ def item_outputs(
   params = _replicate(params, mesh)
   row_sharding = NamedSharding(mesh, P(MESH_AXIS))
   chunks, chunk_indices = {key: [] for key in keys}, []
+  # Batches dispatched before the oldest one's outputs are fetched: accelerators embed the next
+  # batches while the host reads back and prepares; on the CPU one program at a time, which also
+  # avoids the rendezvous stalls of back-to-back sharded programs there.
+  if in_flight is None:
+    in_flight = 0 if jax.local_devices()[0].platform == "cpu" else IN_FLIGHT
+  pending = collections.deque()
+
+  def collect(device_outputs, valid, index):
+    outputs = jax.device_get(device_outputs)
+    for key in keys:
+      chunks[key].append(np.asarray(outputs[key], np.float32)[valid])
+    chunk_indices.append(index[valid])
+    counter.update()  # counted on the host, after the outputs above came back
+
   share = -(-len(items) // process_count)  # eval_batches' batches per process (the largest share)
   counter = progress.Progress(
       f"embedding {len(items)} items ({', '.join(keys)})",
@@ -169,13 +189,11 @@ def item_outputs(
     }
     inputs = jax.device_put(inputs, row_sharding)
     inputs["valid"] = jax.device_put(valid, row_sharding)
-    # Blocking here (device_get) keeps one program in flight, which also avoids the CPU
-    # rendezvous stalls of back-to-back sharded programs.
-    outputs = jax.device_get(run(params, inputs))
-    for key in keys:
-      chunks[key].append(np.asarray(outputs[key], np.float32)[valid])
-    chunk_indices.append(index[valid])
-    counter.update()  # counted on the host, after the outputs above came back
+    pending.append((run(params, inputs), valid, index))  # dispatched; not waited for
+    if len(pending) > in_flight:
+      collect(*pending.popleft())
+  while pending:
+    collect(*pending.popleft())
   counter.finish()
   if not chunk_indices:  # no items: every process yields no batch
     return {key: np.zeros((0, 0), np.float32) for key in keys}

@@ -17,11 +17,11 @@ import collections
 import collections.abc
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from mmret.evals import metrics as metrics_lib
 from mmret.evals import search as search_lib
@@ -171,8 +171,9 @@ def write_rankings(
   """Writes one JSON line per query: ``{query_id, candidate_ids, scores}`` (process 0 only)."""
   if workdir is None or jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, filename), "w") as f:
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with (workdir / filename).open("w") as f:
     for query_id, ids, scores in zip(query_ids, ranked_ids, ranked_scores):
       f.write(
           json.dumps(

@@ -11,6 +11,9 @@ A curve series is every metric prefix ending in ``recall@<k>`` (``i2t/recall@5``
 
 For a training run (or stage) directory, ``write_training_curves`` draws ``curves.png`` from its
 ``metrics.jsonl``: loss and learning rate against the step, and the evaluations' headline metrics.
+
+The workdir may be a local path or a URL (``gs://bucket/run``): every file goes through
+``etils.epath`` (PNGs are encoded into a file object opened with ``'wb'``).
 """
 
 import json
@@ -20,9 +23,10 @@ import re
 from typing import Mapping, Optional, Sequence
 
 from absl import logging
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from mmret import metrics_writer
+from mmret import faults, metrics_writer
 
 MARKDOWN_STEPS = 5
 _CURVE_KEY = re.compile(r"^(?:(?P<series>.*)/)?recall@(?P<k>\d+)$")
@@ -62,8 +66,8 @@ def update_history(
 ) -> dict:
   """Adds (or replaces) the entry of ``step`` in the JSON history at ``path``; returns it all."""
   record = {"name": name, "type": eval_type, "history": []}
-  if os.path.exists(path):
-    with open(path) as f:
+  if epath.Path(path).exists():
+    with epath.Path(path).open("r") as f:
       try:
         record = json.load(f)
       except json.JSONDecodeError as e:
@@ -71,10 +75,10 @@ def update_history(
   history = [entry for entry in record.get("history", []) if entry["step"] != step]
   history.append({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}})
   record.update(name=name, type=eval_type, history=sorted(history, key=lambda e: e["step"]))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  tmp = epath.Path(f"{path}.tmp")
+  with tmp.open("w") as f:
     json.dump(record, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)  # Readers never see a half-written file.
+  tmp.replace(path)  # Readers never see a half-written file.
   return record
 
 
@@ -320,23 +324,27 @@ def draw_recall_curves(
       panel.series(points, colour, marker)
       entries.append((label, colour, marker))
     panel.legend(entries, box[2] + 20, box[1], legend_width)
-  image.save(path, format="PNG")
+  _save_png(image, path)
   return [(facet_title, list(lines)) for facet_title, lines in facets]
+
+
+def _save_png(image: Image.Image, path: str):
+  with epath.Path(path).open("wb") as f:
+    image.save(f, format="PNG")
 
 
 def write_reports(
     workdir: str, name: str, eval_type: str, step: int, metrics: Mapping[str, float]
 ) -> dict[str, str]:
   """Writes ``eval/<name>.json``, ``.md`` and, given recall curves, ``.png``; returns the paths."""
-  directory = os.path.join(workdir, "eval")
-  os.makedirs(directory, exist_ok=True)
+  directory = os.path.join(os.fspath(workdir), "eval")
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   paths = {
       "json": os.path.join(directory, f"{name}.json"),
       "md": os.path.join(directory, f"{name}.md"),
   }
   record = update_history(paths["json"], name, eval_type, step, metrics)
-  with open(paths["md"], "w") as f:
-    f.write(markdown_table(record))
+  epath.Path(paths["md"]).write_text(markdown_table(record))
   curves = recall_curves(metrics)
   if curves:
     paths["png"] = os.path.join(directory, f"{name}.png")
@@ -465,7 +473,7 @@ def draw_training_curves(
       panel.series(evals[name], colour, marker)
       entries.append((name, colour, marker))
     panel.legend(entries, width - legend_width - 4, eval_box[1], legend_width)
-  image.save(path, format="PNG")
+  _save_png(image, path)
   return panels
 
 
@@ -484,13 +492,13 @@ def write_training_curves(
   if headline_metrics is None:
     from mmret.train import HEADLINE_METRICS as headline_metrics  # the training log's selection
 
-  jsonl = os.path.join(run_dir, metrics_writer.METRICS_FILE)
-  path = os.path.join(run_dir, CURVES_FILE)
+  jsonl = os.path.join(os.fspath(run_dir), metrics_writer.METRICS_FILE)
+  path = os.path.join(os.fspath(run_dir), CURVES_FILE)
   try:
     curves = training_curves(metrics_writer.read_metrics(jsonl), headline_metrics)
     if not (curves["loss"] or curves["lr"]):
       return None
-    title = f"{os.path.basename(os.path.abspath(run_dir))}: training curves"
+    title = f"{epath.Path(faults.absolute(run_dir)).name}: training curves"
     draw_training_curves(path, curves, title=title)
   except (OSError, ValueError) as e:
     if errors == "raise":

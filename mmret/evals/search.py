@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -217,8 +217,13 @@ def search(
     seed: int = 0,
     query_block: int = 1024,
     candidate_block: int = 32_768,
+    processes: Optional[tuple[int, int, Callable]] = None,
 ) -> SearchResult:
   """Top-k search choosing exact search for small pools and ScaNN for large ones.
+
+  In a multi-process job every process holds the same queries and candidates; each searches its
+  own contiguous share of the queries and the shares are gathered, so the search is done once
+  across the job (not once per process) and every process returns the whole result.
 
   Args:
     queries, candidates: [Q, d] and [N, d] embeddings (inner-product similarity).
@@ -226,6 +231,9 @@ def search(
     method: 'exact', 'scann', or 'auto' (ScaNN when N >= exact_max_candidates).
     scann: overrides for ``scann_params`` (e.g. ``dict(num_leaves=2000)``).
     recall_samples, seed: queries sampled to measure ScaNN's recall@k against exact search.
+    processes: (process index, process count, allgather) where ``allgather(x)`` stacks every
+      process's array ``x`` (same shape on all); default: this JAX job's, with
+      ``multihost_utils.process_allgather``.
   """
   if method not in ("auto", "exact", "scann"):
     raise ValueError(f"search method must be 'auto', 'exact' or 'scann', got {method!r}")
@@ -233,6 +241,60 @@ def search(
   queries = _as_matrix(queries, "queries")
   if method == "auto":
     method = "scann" if candidates.shape[0] >= exact_max_candidates else "exact"
+  index, count, allgather = processes or (jax.process_index(), jax.process_count(), _allgather)
+  options = dict(
+      method=method,
+      scann=scann,
+      recall_samples=recall_samples,
+      seed=seed,
+      query_block=query_block,
+      candidate_block=candidate_block,
+  )
+  if count == 1:
+    return _search_here(queries, candidates, k, **options)
+  shares = np.array_split(np.arange(queries.shape[0]), count)
+  mine = _search_here(queries[shares[index]], candidates, k, **options)
+  return _gathered(mine, [len(share) for share in shares], allgather)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+def _gathered(mine: SearchResult, sizes: list[int], allgather: Callable) -> SearchResult:
+  """Every process's share of a search (``mine`` here; ``sizes`` queries each), in query order."""
+  longest, k = max(sizes), mine.scores.shape[1]
+  scores = np.full((longest, k), -np.inf, np.float32)
+  indices = np.full((longest, k), -1, np.int64)
+  scores[: len(mine.scores)], indices[: len(mine.indices)] = mine.scores, mine.indices
+  all_scores, all_indices = allgather(scores), allgather(indices)
+  info = dict(mine.info)
+  if mine.method == "scann":  # recall over every process's sample, the slowest process's times
+    figures = [info["recall_vs_exact"], len(mine.scores), info["build_seconds"]]
+    gathered = allgather(np.array(figures + [info["search_seconds"]], np.float64))
+    recalls, counts = gathered[:, 0], gathered[:, 1]
+    known = np.isfinite(recalls) & (counts > 0)  # a process with no queries measured nothing
+    info.update(
+        recall_vs_exact=float(np.average(recalls[known], weights=counts[known]))
+        if known.any()
+        else float("nan"),
+        build_seconds=float(gathered[:, 2].max()),
+        search_seconds=float(gathered[:, 3].max()),
+    )
+  return SearchResult(
+      np.concatenate([s[:n] for s, n in zip(all_scores, sizes)]),
+      np.concatenate([i[:n] for i, n in zip(all_indices, sizes)]),
+      mine.method,
+      info,
+  )
+
+
+def _search_here(
+    queries, candidates, k: int, *, method, scann, recall_samples, seed, query_block, candidate_block
+) -> SearchResult:
+  """:func:`search` of ``queries`` in this process alone (``method`` resolved)."""
   if method == "exact":
     scores, indices = exact_search(
         queries, candidates, k, query_block=query_block, candidate_block=candidate_block

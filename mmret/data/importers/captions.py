@@ -7,12 +7,17 @@ non-empty captions in file order; an image with fewer is skipped as 'too_few_cap
 Ids: a pair's id is its caption's own id where the format has one (COCO annotation ``id``,
 Karpathy ``sentid``, LCS-558K ``id``), else ``<image id>#<caption index>``; a CAPTION5 record's id
 is the image id (COCO ``id``, Karpathy ``imgid``, else the file name).
+
+Vocabulary: an import with a PAIRS split stores the word vocabulary of its training captions in
+the dataset's metadata (``metadata['vocab']``, :func:`caption_vocab`), which the ``'dataset'``
+tokenizer reads, so a recipe trains on the import without a tokenizer file.
 """
 
 import dataclasses
 import glob
 import os
 
+from mmret.data import tokenizers
 from mmret.data.importers import records
 from mmret.data.importers import schema
 from mmret.data.importers.records import BadRecord
@@ -22,6 +27,22 @@ KARPATHY_SPLITS = ("train", "val", "test")
 # Karpathy's own split names -> the split they are written to ('restval' trains, as is customary).
 KARPATHY_SPLIT_OF = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 LCS_ANNOTATIONS_FILE = "blip_laion_cc_sbu_558k.json"
+# Words kept in a dataset's vocabulary (specials included): the most frequent ones; rarer words
+# map to <unk>.
+VOCAB_MAX_SIZE = 32768
+
+
+def caption_vocab(captions) -> list:
+  """The word vocabulary of training ``captions`` (``tokenizers.build_word_vocab``: lower-cased
+  words and punctuation marks, most frequent first, at most ``VOCAB_MAX_SIZE`` tokens). Values
+  that are not text (a record the import will skip) are left out."""
+  texts = (c for c in captions if isinstance(c, str))
+  return tokenizers.build_word_vocab(texts, max_size=VOCAB_MAX_SIZE)
+
+
+def _vocab_metadata(images: list) -> dict:
+  """``info.metadata`` fields of an import training on ``images``' captions."""
+  return {"vocab": caption_vocab(c for image in images for _, c in image.captions)}
 
 
 @dataclasses.dataclass
@@ -127,7 +148,8 @@ def plan_coco(
   """COCO captions (``annotations/captions_<split>.json`` + ``<split>/`` images under ``src``).
 
   Writes PAIRS split ``<split>`` and CAPTION5 split ``<split>_caption5`` (``outputs`` picks which:
-  the PAIRS split stores each image once per caption).
+  the PAIRS split stores each image once per caption); with the PAIRS split, the word vocabulary
+  of its captions.
   """
   annotations = annotations or os.path.join(src, "annotations", f"captions_{split}.json")
   image_root = records.require_dir(images or os.path.join(src, split), "COCO image folder")
@@ -198,7 +220,8 @@ def plan_coco(
     )
   if not sources:
     raise ValueError(f"outputs must name 'pairs' and/or 'caption5', got {outputs!r}")
-  return ImportPlan(f"COCO captions imported from {annotations}", schemas, sources)
+  metadata = _vocab_metadata(images_in_order) if "pairs" in outputs else {}
+  return ImportPlan(f"COCO captions imported from {annotations}", schemas, sources, metadata)
 
 
 def _find_karpathy_file(src: str) -> str:
@@ -222,7 +245,7 @@ def plan_karpathy(
   """Karpathy split JSON (``dataset_{coco,flickr30k,flickr8k}.json``) + image root.
 
   Writes PAIRS ``train`` (Karpathy train + restval) and CAPTION5 ``val`` / ``test``; ``split`` is a
-  comma-separated subset of those. Image paths are ``<root>/<filepath>/<filename>`` (``filepath``
+  comma-separated subset of those. With ``train``, the word vocabulary of its captions. Image paths are ``<root>/<filepath>/<filename>`` (``filepath``
   only in the COCO file); the root is ``images`` or ``src``.
   """
   wanted = [s.strip() for s in split.split(",") if s.strip()]
@@ -276,7 +299,8 @@ def plan_karpathy(
       schemas[name] = schema.caption5_features()
       images_source = _caption5_source(per_split[name], reader, captions_per_image)
     sources[name] = _chain(_bad_entry_source(unplaced), images_source)
-  return ImportPlan(f"Karpathy split imported from {annotations}", schemas, sources)
+  metadata = _vocab_metadata(per_split["train"]) if "train" in wanted else {}
+  return ImportPlan(f"Karpathy split imported from {annotations}", schemas, sources, metadata)
 
 
 def plan_lcs558k(
@@ -286,7 +310,7 @@ def plan_lcs558k(
 
   The caption is the first ``{"from": "gpt"}`` turn's ``value``. Defaults: annotations
   ``<src>/blip_laion_cc_sbu_558k.json``, images ``<src>/images`` if present, else ``src``.
-  Writes PAIRS split ``split``.
+  Writes PAIRS split ``split`` and the word vocabulary of its captions.
   """
   annotations = annotations or os.path.join(src, LCS_ANNOTATIONS_FILE)
   if images is None:
@@ -294,6 +318,14 @@ def plan_lcs558k(
   image_root = records.require_dir(images, "LCS-558K image root")
   entries = records.load_json(annotations, list, "LCS-558K list of conversations")
   reader = records.ImageReader(image_root)
+
+  def first_answer(entry):
+    """The caption of an entry: its first turn from 'gpt' (None when there is none)."""
+    turns = entry.get("conversations") if isinstance(entry, dict) else None
+    for turn in turns if isinstance(turns, list) else ():
+      if isinstance(turn, dict) and turn.get("from") == "gpt":
+        return turn.get("value")
+    return None
 
   def source():
     for index, entry in enumerate(entries):
@@ -306,16 +338,16 @@ def plan_lcs558k(
       def build(entry=entry, record_id=record_id):
         records.get_field(entry, "id", record_id, annotations)
         image_path = records.get_field(entry, "image", record_id, annotations)
-        turns = records.get_field(entry, "conversations", record_id, annotations, kind=list)
-        answers = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
-        if not answers or not isinstance(answers[0], str):
+        records.get_field(entry, "conversations", record_id, annotations, kind=list)
+        answer = first_answer(entry)
+        if not isinstance(answer, str):
           raise BadRecord(
               "missing_field",
               record_id,
               annotations,
               "no conversation turn from 'gpt' with a text 'value'",
           )
-        caption = records.clean_text(answers[0], "caption", record_id, annotations)
+        caption = records.clean_text(answer, "caption", record_id, annotations)
         return {
             "id": record_id,
             "image": reader.read(image_path, record_id, annotations),
@@ -328,4 +360,5 @@ def plan_lcs558k(
       f"LCS-558K captions imported from {annotations}",
       {split: schema.pairs_features()},
       {split: source},
+      {"vocab": caption_vocab(first_answer(entry) for entry in entries)},
   )

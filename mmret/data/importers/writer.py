@@ -7,6 +7,12 @@ every split and ``import_summary.json`` are written. An interrupted or failed im
 leaves anything at the output path (tfds adds its own ``incomplete.*`` directory inside the staging
 one), and an existing complete dataset is only replaced with ``overwrite=True``, after the new one
 is complete. Read the result with ``tfds.builder_from_directory(out).as_data_source(split)``.
+
+The output may be a URL (``gs://bucket/mmret/flickr30k``): the ArrayRecord writer writes local
+files only, so the dataset is then generated in a local temporary directory, copied to the hidden
+staging folder next to the output through ``etils.epath`` and renamed into place there (on an
+object store a rename copies each object: readers never see a half-copied dataset at the output
+path, but the rename itself is not atomic).
 """
 
 import dataclasses
@@ -17,13 +23,15 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
-from mmret import progress
+from mmret import faults, progress
 from mmret.data.importers import records
 from mmret.data.importers import schema
 
@@ -47,11 +55,14 @@ class ImportPlan:
     description: one line on what was imported from where.
     schemas: split -> its schema's feature dict (e.g. ``schema.pairs_features()``).
     sources: split -> its record source.
+    metadata: JSON-ready fields for the dataset's ``info.metadata`` (e.g. ``vocab``, the word
+      vocabulary of the training captions that the ``'dataset'`` tokenizer reads).
   """
 
   description: str
   schemas: dict[str, dict]
   sources: dict[str, RecordSource]
+  metadata: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if list(self.schemas) != list(self.sources):
@@ -104,7 +115,9 @@ class _ImportedDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=self._plan.description,
         features=self._merged_features,
         # Readers may cut a record down to its split's own fields.
-        metadata=tfds.core.MetadataDict(split_fields=self._plan.split_fields),
+        metadata=tfds.core.MetadataDict(
+            split_fields=self._plan.split_fields, **self._plan.metadata
+        ),
         disable_shuffling=True,  # keep the source order (ids stay easy to find and diff)
     )
 
@@ -201,21 +214,41 @@ def _check_texts(value, record_id: str, source_file: str, field: str = ""):
 def remove_stale_staging(out_dir: str) -> list:
   """Removes the hidden staging folders of imports to ``out_dir`` whose process is gone (a killed
   import), and the previous dataset an interrupted ``--overwrite`` kept; returns what it removed."""
-  parent, name = os.path.split(os.path.abspath(out_dir))
+  parent, name = os.path.split(faults.absolute(out_dir))
   removed = []
-  for path in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.incomplete-*")):
+  for path in _siblings(parent, f".{glob.escape(name)}.incomplete-*"):
     owner = _STAGING_OWNER.search(os.path.basename(path))
     if owner and owner["host"] == socket.gethostname() and _pid_alive(int(owner["pid"])):
       continue  # an import running now
     if owner and owner["host"] != socket.gethostname():
       continue  # another machine's: cannot tell
-    shutil.rmtree(path, ignore_errors=True)
+    _rmtree(path)
     removed.append(path)
   if is_complete_dataset(out_dir):
-    for path in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.replaced-*")):
-      shutil.rmtree(path, ignore_errors=True)
+    for path in _siblings(parent, f".{glob.escape(name)}.replaced-*"):
+      _rmtree(path)
       removed.append(path)
   return removed
+
+
+def _siblings(parent: str, pattern: str) -> list:
+  """Paths (str) in folder ``parent`` (local or URL) matching glob ``pattern``."""
+  if not faults.is_url(parent):
+    return glob.glob(os.path.join(glob.escape(parent), pattern))
+  if not epath.Path(parent).exists():
+    return []
+  return sorted(os.fspath(p) for p in epath.Path(parent).glob(pattern))
+
+
+def _rmtree(path: str):
+  """Removes folder ``path`` (local or URL), ignoring errors (like ``ignore_errors=True``)."""
+  if not faults.is_url(path):
+    shutil.rmtree(path, ignore_errors=True)
+    return
+  try:
+    epath.Path(path).rmtree(missing_ok=True)
+  except OSError:
+    pass
 
 
 _STAGING_OWNER = re.compile(r"\.incomplete-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
@@ -232,7 +265,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def is_complete_dataset(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, DATASET_INFO_FILE))
+  return (epath.Path(path) / DATASET_INFO_FILE).is_file()
 
 
 def write_dataset(
@@ -253,22 +286,25 @@ def write_dataset(
     metadata: extra JSON-ready fields for import_summary.json (format, source paths...).
     overwrite: replace an existing complete dataset at ``out_dir``.
   """
-  out_dir = os.path.abspath(out_dir)
+  out_dir = faults.absolute(out_dir)  # a URL stays as it is
   for path in remove_stale_staging(out_dir):
     logging.warning("Removed %s, left by an interrupted import", path)
   _check_output_dir(out_dir, overwrite)
   parent, name = os.path.split(out_dir)
-  os.makedirs(parent, exist_ok=True)
+  epath.Path(parent).mkdir(parents=True, exist_ok=True)
   # Host and pid in the name: the next import can tell a killed import's folder from a live one.
   staging = os.path.join(
       parent, f".{name}.incomplete-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   )
+  remote = faults.is_url(out_dir)
+  # The ArrayRecord writer writes local files: a URL output is generated locally first.
+  build_dir = tempfile.mkdtemp(prefix=f"mmret-import-{name}-") if remote else staging
   try:
     builder = _ImportedDataset(
-        plan=plan, problems=problems, data_dir=staging, file_format="array_record"
+        plan=plan, problems=problems, data_dir=build_dir, file_format="array_record"
     )
     builder.download_and_prepare(
-        download_dir=os.path.join(staging, "downloads"),
+        download_dir=os.path.join(build_dir, "downloads"),
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),
     )
     generated = str(builder.data_dir)
@@ -276,23 +312,40 @@ def write_dataset(
       json.dump(
           {**(metadata or {}), "split_fields": plan.split_fields, **problems.summary()}, f, indent=2
       )
+    if remote:
+      uploaded = os.path.join(staging, os.path.relpath(generated, build_dir))
+      _copy_tree(generated, uploaded)
+      generated = uploaded
     _move_into_place(generated, out_dir)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    _rmtree(staging)
+    if remote:
+      shutil.rmtree(build_dir, ignore_errors=True)
   return out_dir
 
 
+def _copy_tree(source: str, target: str):
+  """Copies local folder ``source`` to ``target`` (a URL) file by file, through ``epath``."""
+  for root, _, names in os.walk(source):
+    folder = epath.Path(target) / os.path.relpath(root, source)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f, (folder / name).open("wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+
+
 def _check_output_dir(out_dir: str, overwrite: bool) -> None:
-  if not os.path.exists(out_dir):
+  out = epath.Path(out_dir)
+  if not out.exists():
     return
-  if not os.path.isdir(out_dir):
+  if not out.is_dir():
     raise FileExistsError(f"output path exists and is not a directory: {out_dir}")
   if is_complete_dataset(out_dir):
     if not overwrite:
       raise FileExistsError(
           f"a dataset already exists at {out_dir}; pass --overwrite to replace it"
       )
-  elif os.listdir(out_dir):
+  elif list(out.iterdir()):
     # Never delete a directory that is not a dataset, even with overwrite.
     raise FileExistsError(
         f"output directory {out_dir} is not empty and holds no dataset; " "choose another --out"
@@ -302,13 +355,13 @@ def _check_output_dir(out_dir: str, overwrite: bool) -> None:
 def _move_into_place(generated: str, out_dir: str) -> None:
   """Renames the finished dataset to ``out_dir``; an old dataset there is removed only after."""
   previous = None
-  if os.path.exists(out_dir):
+  if epath.Path(out_dir).exists():
     if is_complete_dataset(out_dir):
       parent, name = os.path.split(out_dir)
       previous = os.path.join(parent, f".{name}.replaced-{uuid.uuid4().hex[:8]}")
-      os.rename(out_dir, previous)
+      epath.Path(out_dir).rename(previous)
     else:
-      os.rmdir(out_dir)  # empty (checked before generating)
-  os.rename(generated, out_dir)
+      epath.Path(out_dir).rmdir()  # empty (checked before generating)
+  epath.Path(generated).rename(out_dir)
   if previous:
-    shutil.rmtree(previous)
+    epath.Path(previous).rmtree()

@@ -21,12 +21,12 @@ intersection patches in green, the predicted ones in red; a legend under the row
 """
 
 import json
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 from mmret.data import pipeline, preprocess
@@ -167,12 +167,13 @@ def _word_masks(tokenizer, words, token_mask_row):
 
 
 def write_files(workdir, truth, image_mask, text_mask, true_patches, grid, num_overlays, input_cfg):
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a URL (gs://...)
   shown = slice(0, min(num_overlays, len(truth["id"])))
   figure, _ = overlay_figure(truth["raw"][shown], true_patches[shown], image_mask[shown], grid)
-  figure.save(os.path.join(workdir, "overlays.png"))
+  with (epath.Path(workdir) / "overlays.png").open("wb") as f:
+    figure.save(f, format="PNG")
   tokenizer = pipeline.tokenizer_for(input_cfg)
-  with open(os.path.join(workdir, "text_masks.jsonl"), "w") as f:
+  with (epath.Path(workdir) / "text_masks.jsonl").open("w") as f:
     for i in range(shown.stop):
       words = truth["words"][i]
       predicted = _word_masks(tokenizer, words, text_mask[i])
@@ -379,7 +380,8 @@ def evaluate_solar_masks(
         num_overlays,
         input_cfg,
     )
-    Image.fromarray(draw_score_histograms(panels)).save(os.path.join(workdir, "scores.png"))
+    with (epath.Path(workdir) / "scores.png").open("wb") as f:
+      Image.fromarray(draw_score_histograms(panels)).save(f, format="PNG")
   return metrics
 
 
