@@ -189,7 +189,9 @@ def test_split_choice_and_bad_data(coco, tmp_path):
   src = _coco_source(str(tmp_path / "src"), n_images=1)
   only5 = str(tmp_path / "only_caption5")
   importers.import_dataset("coco", src, only5, split="val2017", outputs=("caption5",))
-  with pytest.raises(ValueError, match=rf"{re.escape(only5)} has no training split.*val2017_caption5"):
+  with pytest.raises(
+      ValueError, match=rf"{re.escape(only5)} has no training split.*val2017_caption5"
+  ):
     selfalign.get_config(f"data={only5}")
   # Several PAIRS splits: the error lists them and split= chooses.
   pairs = {"id": "p0", "image": (tmp_path / "src" / "val2017" / "000000000000.png").read_bytes()}

@@ -117,7 +117,7 @@ def test_uint8_pixels_go_to_the_device_and_the_step_normalises_them():
   batch = _batch(4, image_size=16)
   pixels = np.random.default_rng(3).integers(0, 256, size=(4, 16, 16, 3)).astype(np.uint8)
   # Independent reference: float64 normalisation on the host.
-  reference = ((pixels / 255.0 - np.array(config.input.mean)) / np.array(config.input.std))
+  reference = (pixels / 255.0 - np.array(config.input.mean)) / np.array(config.input.std)
   on_device = jax.jit(setup.predict)(params, dict(batch, image=pixels))
   on_host = jax.jit(setup.predict)(params, dict(batch, image=reference.astype(np.float32)))
   for key in ("z_image", "z_joint", "image_tokens"):

@@ -292,7 +292,16 @@ def _gathered(mine: SearchResult, sizes: list[int], allgather: Callable) -> Sear
 
 
 def _search_here(
-    queries, candidates, k: int, *, method, scann, recall_samples, seed, query_block, candidate_block
+    queries,
+    candidates,
+    k: int,
+    *,
+    method,
+    scann,
+    recall_samples,
+    seed,
+    query_block,
+    candidate_block,
 ) -> SearchResult:
   """:func:`search` of ``queries`` in this process alone (``method`` resolved)."""
   if method == "exact":
