@@ -202,8 +202,9 @@ def main(argv=None):
     runtime.enable_compilation_cache(args.compilation_cache)
   on_cpu = jax.devices()[0].platform == "cpu"
   shape = {k: getattr(args, k) for k in OPENCLIP_SHAPE}
-  given = [k for k, v in shape.items() if v is not None]
-  if given and len(given) != len(OPENCLIP_SHAPE):
+  # --image-size and --text-ctx also size the named models; the architecture flags go together.
+  given = [k for k, v in shape.items() if v is not None and k not in ("image_size", "text_ctx")]
+  if given and any(v is None for v in shape.values()):
     missing = sorted(k.replace("_", "-") for k in OPENCLIP_SHAPE if shape[k] is None)
     sys.exit(f"error: the open_clip shape flags go together; missing: --{', --'.join(missing)}")
   sizes = ["tiny"] if given else args.sizes.split(",")

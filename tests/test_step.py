@@ -131,3 +131,21 @@ def test_uint8_pixels_go_to_the_device_and_the_step_normalises_them():
     )
     outputs[name] = loss_fn(run(params, dict(batch, image=image)), batch, axis_name=None)[0]
   np.testing.assert_allclose(outputs["device"], outputs["host"], rtol=1e-5)
+
+
+def test_exact_gelu_and_its_gradient_match_float64_erf():
+  from scipy.special import erf  # noqa: PLC0415
+
+  from mmret.models import layers  # noqa: PLC0415
+
+  x = np.linspace(-10.0, 10.0, 40001).astype(np.float32)
+  exact = 0.5 * x.astype(np.float64) * (1.0 + erf(x.astype(np.float64) / np.sqrt(2.0)))
+  slope = 0.5 * (1.0 + erf(x / np.sqrt(2.0))) + x * np.exp(-(x.astype(np.float64) ** 2) / 2.0) / (
+      np.sqrt(2.0 * np.pi)
+  )
+  gelu = layers.activation_fn("gelu")
+  np.testing.assert_allclose(np.asarray(jax.jit(gelu)(x)), exact, atol=2e-6, rtol=1e-6)
+  grad = jax.jit(jax.vmap(jax.grad(gelu)))(x)
+  np.testing.assert_allclose(np.asarray(grad), slope, atol=2e-6, rtol=1e-6)
+  # Not the tanh approximation (which differs by up to ~5e-4 around |x| ~ 2).
+  assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - exact).max() > 1e-4

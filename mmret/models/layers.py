@@ -1,5 +1,6 @@
 """Transformer building blocks shared by the image, text and joint encoders."""
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -16,8 +17,20 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+  """Exact GELU, ``x * Phi(x)`` with the normal CDF from ``erf`` (as PyTorch's ``F.gelu``).
+
+  ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, whose XLA expansion evaluates two
+  polynomials, an exponential and divisions per element, forward and again in the backward pass:
+  on the CPU about a fifth of the tiny benchmark's train step. ``erf`` is one clamped rational
+  polynomial; the two agree to float32 rounding except deep in the negative tail, where both
+  are ~0 (absolute difference < 2e-6, tested against float64).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # exact (erf) GELU: BERT, ViT, DINOv2
+    "gelu": gelu,  # exact (erf) GELU: BERT, ViT, DINOv2
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": nn.relu,
