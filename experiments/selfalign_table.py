@@ -10,6 +10,7 @@ variants with the context loss are otherwise scored by SelfAlign's final similar
 metrics) into the workdir; finished runs are reused when the command is run again.
 """
 
+import copy
 import json
 import os
 import time
@@ -20,7 +21,6 @@ from configs import selfalign
 from experiments import table
 from mmret import registry, train
 from mmret.evals import runner
-from mmret.recipes.selfalign import method as selfalign_method
 
 FLAGS = flags.FLAGS
 
@@ -99,7 +99,9 @@ def global_scored_metrics(config, run_dir: str) -> dict:
       return json.load(f)
   stage, stage_dir = train.last_stage(config, run_dir)
   params = train.load_params(stage, stage_dir)
-  predict = selfalign_method.make_predict(train.Setup(stage).model, similarity="global")
+  scoring = copy.deepcopy(stage)
+  scoring.method.similarity = "global"
+  predict = train.Setup(scoring).predict  # Setup's predict normalises the uint8 pixels
   results = runner.run_evals(
       predict,
       {"caption5": stage.evals.caption5.to_dict()},

@@ -149,3 +149,15 @@ def test_exact_gelu_and_its_gradient_match_float64_erf():
   np.testing.assert_allclose(np.asarray(grad), slope, atol=2e-6, rtol=1e-6)
   # Not the tanh approximation (which differs by up to ~5e-4 around |x| ~ 2).
   assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - exact).max() > 1e-4
+
+
+def test_an_image_tower_refuses_pixels_nobody_normalised():
+  model_cfg = config_lib.model_config("tiny")
+  model_cfg.image.patch_size = 4
+  model_cfg.image.depth = model_cfg.text.depth = 1
+  model = build_model(model_cfg, vocab_size=50, max_text_len=8)
+  batch = _batch(2)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+  raw = dict(batch, image=np.zeros((2, 16, 16, 3), np.uint8))
+  with pytest.raises(TypeError, match="normalize_pixels"):
+    model.apply({"params": params}, raw)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmret.models.layers import Dtype
+from mmret.models.layers import Dtype, check_pixels_normalized
 
 # (repeats, kernel, first stride, expand ratio, output channels) per stage, from the reference
 # efficientnet_lite_builder (lite0: width and depth multipliers 1.0).
@@ -80,6 +80,7 @@ class EfficientNetLite0(nn.Module):
   def __call__(self, images, *, train: bool = False):
     """images [B,H,W,3] float -> dict(tokens=[B,h*w,1280], pooled=[B,1280])."""
     del train
+    check_pixels_normalized(images)
     if self.pool != "gap":
       raise ValueError(
           "the efficientnet_lite0 image tower has no class token; set "

@@ -12,6 +12,16 @@ from mmret.ops import NEG_INF, masked_mean
 Dtype = Any
 
 
+def check_pixels_normalized(images):
+  """Image towers take normalised float pixels: uint8 ones reaching a tower skipped the
+  normalisation the step and embedding pass apply (``mmret.ops.normalize_pixels``)."""
+  if images.dtype == jnp.uint8:
+    raise TypeError(
+        "an image tower got uint8 pixels: normalise them first with mmret.ops.normalize_pixels "
+        "(train.Setup's forward and predict do)"
+    )
+
+
 def quick_gelu(x):
   """OpenAI CLIP's sigmoid approximation of GELU."""
   return x * jax.nn.sigmoid(1.702 * x)

@@ -12,7 +12,7 @@ The final LayerNorm is applied to every token, so the pooled class token equals 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmret.models.layers import Dtype, Encoder
+from mmret.models.layers import Dtype, Encoder, check_pixels_normalized
 
 
 class ViT(nn.Module):
@@ -34,6 +34,7 @@ class ViT(nn.Module):
     """images [B,H,W,3] float -> dict(tokens=[B,P,w] patch tokens, pooled=[B,w])."""
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"ViT pool must be 'cls' or 'gap', got {self.pool!r}")
+    check_pixels_normalized(images)
     x = nn.Conv(
         self.width,
         (self.patch_size,) * 2,
