@@ -147,7 +147,14 @@ def test_short_run_of_the_full_method_gives_caption5_metrics(tmp_path, data_dir)
   for key, value in recall(setup.predict).items():
     assert final[f"eval/caption5/{key}"] == pytest.approx(value, abs=1e-6), key
   rescored = selfalign_table.global_scored_metrics(config, str(tmp_path))
-  global_predict = selfalign_method.make_predict(setup.model, similarity="global")
+  raw_global = selfalign_method.make_predict(setup.model, similarity="global")
+  mean, std = np.asarray(config.input.mean), np.asarray(config.input.std)
+
+  def global_predict(p, batch):  # pixels normalised here, independently of mmret.ops
+    if "image" in batch:
+      batch = dict(batch, image=((batch["image"] / 255.0 - mean) / std).astype(np.float32))
+    return raw_global(p, batch)
+
   for key, value in recall(global_predict).items():
     assert rescored[f"global_scored/{key}"] == pytest.approx(value, abs=1e-6), key
   assert set(rescored) == {
