@@ -1,4 +1,5 @@
-"""Throughput of the training input pipeline (examples/s) for several worker counts.
+"""Throughput of the training input pipeline (examples/s) for several worker counts, and the
+time one example takes to read, decode, augment and tokenize in one thread without grain.
 
 python benchmarks/input.py                       # default pipeline (mmret_world/tiny)
 python benchmarks/input.py --workers 0,2,4 --batches 50 --dataset /path/to/tfds/dir
@@ -6,6 +7,8 @@ python benchmarks/input.py --workers 0,2,4 --batches 50 --dataset /path/to/tfds/
 
 import argparse
 import time
+
+import numpy as np
 
 from absl import flags
 
@@ -52,6 +55,27 @@ def examples_per_second(input_cfg, *, batches: int, warmup: int) -> float:
   return batches * input_cfg.batch_size / elapsed
 
 
+def milliseconds_per_example(input_cfg, *, examples: int) -> float:
+  """Mean time of one ``TrainExample`` call over shuffled records (one thread, no grain)."""
+  record_sources, _ = pipeline.open_train_sources(input_cfg)
+  make_example = pipeline.TrainExample(
+      input_cfg,
+      record_sources,
+      seed=0,
+      process_index=0,
+      process_count=1,
+      with_ground_truth=pipeline.has_ground_truth(record_sources),
+  )
+  order = np.random.default_rng(0).permutation(len(record_sources[0]))
+  indices = [int(order[i % len(order)]) for i in range(examples)]
+  for position, index in enumerate(indices[:50]):  # warm-up
+    make_example(position, (0, index))
+  start = time.perf_counter()
+  for position, index in enumerate(indices):
+    make_example(position, (0, index))
+  return (time.perf_counter() - start) / examples * 1e3
+
+
 def main():
   args = parse_args()
   flags.FLAGS.mark_as_parsed()  # worker processes expect parsed absl flags
@@ -70,6 +94,9 @@ def main():
     input_cfg.worker_count = workers
     rate = examples_per_second(input_cfg, batches=args.batches, warmup=args.warmup)
     print(f"workers={workers:2d}  {rate:10.1f} examples/s")
+  examples = args.batches * args.batch_size
+  ms = milliseconds_per_example(input_cfg, examples=examples)
+  print(f"one example, one thread, no grain: {ms:.3f} ms ({1e3 / ms:.1f} examples/s)")
 
 
 if __name__ == "__main__":

@@ -345,6 +345,128 @@ def test_open_split_records_and_errors(data):
     sources.open_split("no_such_dataset/x", "train", data["data_dir"])
 
 
+def _decoder_features():
+  """Every kind of feature ``sources.ExampleDecoder`` decodes itself."""
+  return tfds.features.FeaturesDict(
+      {
+          "id": tfds.features.Text(),
+          "image": tfds.features.Scalar(dtype=np.object_),
+          "count": tfds.features.Scalar(dtype=np.int64),
+          "score": tfds.features.Scalar(dtype=np.float32),
+          "tags": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "box": tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
+          "labels": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="zlib"),
+          "bytes_labels": tfds.features.Tensor(shape=(3,), dtype=np.uint8, encoding="bytes"),
+          "captions": tfds.features.Sequence(tfds.features.Text()),
+          "points": tfds.features.Sequence(tfds.features.Tensor(shape=(2,), dtype=np.int64)),
+      }
+  )
+
+
+def _decoder_example(index: int) -> dict:
+  rng = np.random.default_rng(index)
+  return {
+      "id": f"ex-{index}" if index % 3 else "",
+      "image": _png(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)) if index % 4 else b"",
+      "count": int(rng.integers(-(2**40), 2**40)),
+      "score": float(rng.normal()),
+      "tags": rng.integers(-5, 5, index % 4).astype(np.int32),
+      "box": rng.normal(size=(2, 2)).astype(np.float32),
+      "labels": rng.integers(0, 3, (index % 3 + 1, index % 5 + 2)).astype(np.uint8),
+      "bytes_labels": rng.integers(0, 256, 3).astype(np.uint8),
+      "captions": [f"caption {i} \u00e9" for i in range(index % 3)],
+      "points": rng.integers(0, 9, (index % 3, 2)),
+  }
+
+
+def _assert_same_value(ours, theirs, where):
+  assert type(ours) is type(theirs), where  # pylint: disable=unidiomatic-typecheck
+  if isinstance(theirs, np.ndarray):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, where
+    np.testing.assert_array_equal(ours, theirs, err_msg=where)
+  elif isinstance(theirs, list):
+    assert len(ours) == len(theirs), where
+    for a, b in zip(ours, theirs):
+      _assert_same_value(a, b, where)
+  else:
+    assert ours == theirs, where
+
+
+def test_example_decoder_matches_tfds_decoding():
+  features = _decoder_features()
+  decoder = sources.ExampleDecoder.for_fields(features, set(features.keys()))
+  assert decoder is not None
+  for index in range(12):
+    serialized = features.serialize_example(_decoder_example(index))
+    expected = features.deserialize_example_np(serialized)
+    decoded = decoder(serialized)
+    assert decoded.keys() == expected.keys()
+    for key in expected:
+      _assert_same_value(decoded[key], expected[key], f"example {index}, {key}")
+  # A subset of the fields decodes only those.
+  subset = sources.ExampleDecoder.for_fields(features, {"id", "labels"})
+  assert set(subset(features.serialize_example(_decoder_example(1)))) == {"id", "labels"}
+
+
+def test_example_decoder_leaves_other_features_to_tfds():
+  for feature in (
+      tfds.features.Image(shape=(4, 4, 3)),
+      tfds.features.FeaturesDict({"x": tfds.features.Text()}),
+      tfds.features.Sequence(tfds.features.Sequence(tfds.features.Text())),
+  ):
+    features = tfds.features.FeaturesDict({"id": tfds.features.Text(), "other": feature})
+    assert sources.ExampleDecoder.for_fields(features, {"id", "other"}) is None
+    assert sources.ExampleDecoder.for_fields(features, {"id"}) is not None
+
+
+def test_nearest_resize_picks_pil_pixels():
+  from mmret.data import preprocess  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    height, width = rng.integers(1, 70, size=2)
+    labels = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    crop_h, crop_w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+    top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+    box = None if rng.random() < 0.2 else (int(top), int(left), int(crop_h), int(crop_w))
+    size = int(rng.integers(1, 80))
+    top, left, crop_h, crop_w = box if box is not None else (0, 0, height, width)
+    expected = np.asarray(
+        Image.fromarray(labels).resize(
+            (size, size), Image.Resampling.NEAREST, box=(left, top, left + crop_w, top + crop_h)
+        )
+    )
+    np.testing.assert_array_equal(
+        preprocess.crop_resize(labels, box, size, nearest=True), expected, err_msg=str(box)
+    )
+
+
+def test_open_image_matches_decoded_pixels():
+  from mmret.data import preprocess  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(1)
+  rgb = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+  encoded = [_png(rgb), _jpeg(rgb), _png(rgb[..., 0])]
+  encoded.append(_png(np.concatenate([rgb, rgb[..., :1]], axis=-1)))  # RGBA
+  palette = io.BytesIO()
+  Image.fromarray(rgb).convert("P").save(palette, "PNG")
+  encoded.append(palette.getvalue())
+  for data in encoded:
+    with Image.open(io.BytesIO(data)) as image:
+      expected = np.asarray(image.convert("RGB"))
+    opened = preprocess.open_image(data, where="x")
+    assert opened.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(opened), expected)
+    np.testing.assert_array_equal(preprocess.decode_image(data, where="x"), expected)
+    # Resizing the opened image or its pixels gives the same array.
+    for box in (None, (1, 2, 6, 8)):
+      np.testing.assert_array_equal(
+          preprocess.crop_resize(opened, box, 7), preprocess.crop_resize(expected, box, 7)
+      )
+  with pytest.raises(ValueError, match="rec-3: cannot decode image"):
+    preprocess.open_image(_png(rgb)[:40], where="rec-3")
+
+
 def _eval_items(count, *, image=True, text=True):
   items = []
   for index in range(count):

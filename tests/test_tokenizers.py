@@ -177,7 +177,7 @@ def test_word_tags_follow_words_and_ids_match_encode(clip_bpe_path, bert_vocab_p
   wordpiece = tokenizers.WordPieceTokenizer(bert_vocab_path)
   texts = _varied_strings(120, seed=2)
   for tok in (word, bpe, wordpiece):
-    for text in texts:
+    for text in texts + texts:  # the second pass reads the memoised words' ids
       words = text.split()
       word_tags = [(i % 2) + 1 for i in range(len(words))]
       ids, mask, tags = tok.encode_with_word_tags(text, word_tags, 24)

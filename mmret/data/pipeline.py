@@ -135,7 +135,10 @@ class TrainExample:
     record = source[record_index]
     where = record_name(source, record_index, record)
     global_index = local_index * self.process_count + self.process_index
-    rng = np.random.default_rng([self.seed, global_index])
+    # Drawn from only to crop, flip or pick one of several captions.
+    rng = None
+    if self.augments or "caption" not in record:
+      rng = np.random.default_rng([self.seed, global_index])
 
     store = self.features[source_index]
     if store is None:
@@ -168,7 +171,7 @@ class TrainExample:
   def plain_image(self, record, where: str) -> np.ndarray:
     """The record's image as training sees it without augmentation: resized, uint8."""
     image = preprocess.crop_resize(
-        preprocess.decode_image(record.get("image"), where=where), None, self.image_size
+        preprocess.open_image(record.get("image"), where=where), None, self.image_size
     )
     return np.ascontiguousarray(image)
 
@@ -181,15 +184,14 @@ class TrainExample:
       raise ValueError(f"{where}: image_labels shape {labels.shape} != image size {image_shape}")
     return labels
 
-  def _augmented_image(self, record, where: str, rng: np.random.Generator):
+  def _augmented_image(self, record, where: str, rng: np.random.Generator | None):
     """Decoded, cropped, resized and maybe flipped image (uint8) and its pixel labels."""
-    image = preprocess.decode_image(record.get("image"), where=where)
-    labels = self._labels(record, where, image.shape[:2]) if self.with_ground_truth else None
+    image = preprocess.open_image(record.get("image"), where=where)
+    shape = (image.height, image.width)
+    labels = self._labels(record, where, shape) if self.with_ground_truth else None
     box = None
     if self.crop_scale != (1.0, 1.0):
-      box = preprocess.sample_crop_box(
-          *image.shape[:2], rng, scale=self.crop_scale, ratio=self.crop_ratio
-      )
+      box = preprocess.sample_crop_box(*shape, rng, scale=self.crop_scale, ratio=self.crop_ratio)
     image = preprocess.crop_resize(image, box, self.image_size)
     if labels is not None:
       labels = preprocess.crop_resize(labels, box, self.image_size, nearest=True)
@@ -199,7 +201,7 @@ class TrainExample:
     return image, labels
 
   @staticmethod
-  def _caption(record, where: str, rng: np.random.Generator) -> tuple[int, str]:
+  def _caption(record, where: str, rng: np.random.Generator | None) -> tuple[int, str]:
     """(index in :func:`captions_of`, caption): 5-caption splits draw one caption per visit."""
     captions = captions_of(record, where)
     index = int(rng.integers(len(captions))) if "caption" not in record else 0
@@ -367,7 +369,7 @@ class EvalExample:
       if item is None:
         image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
       else:
-        pixels = preprocess.decode_image(item["image"], where=where)
+        pixels = preprocess.open_image(item["image"], where=where)
         image = preprocess.crop_resize(pixels, None, self.image_size)
       example["image"] = np.ascontiguousarray(image)
     if self.with_text:

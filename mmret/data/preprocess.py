@@ -2,7 +2,8 @@
 and are normalised on the device (``mmret.ops.normalize_pixels``).
 
 Per-pixel labels go through exactly the same crop box and flip as their image and are resized
-with nearest neighbour, so a label keeps pointing at the pixels it describes.
+with nearest neighbour (PIL's sampling positions, computed in numpy), so a label keeps pointing
+at the pixels it describes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,27 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["decode_image", "sample_crop_box", "crop_resize"]
+__all__ = ["open_image", "decode_image", "sample_crop_box", "crop_resize"]
+
+
+def open_image(data, *, where: str) -> Image.Image:
+  """Encoded PNG/JPEG bytes (or an already decoded array) -> RGB PIL image, pixels loaded.
+
+  ``where`` names the record (dataset, split, id) in the error raised for a corrupt image.
+  """
+  if isinstance(data, np.ndarray) and data.dtype != object:
+    return Image.fromarray(_rgb_array(data, where))
+  if not isinstance(data, (bytes, bytearray)) or not data:
+    raise ValueError(
+        f"{where}: no image bytes (got {type(data).__name__} of length "
+        f'{len(data) if hasattr(data, "__len__") else "?"})'
+    )
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+  except Exception as e:  # PIL raises several types for truncated or unknown data
+    raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def decode_image(data, *, where: str) -> np.ndarray:
@@ -23,18 +44,12 @@ def decode_image(data, *, where: str) -> np.ndarray:
   ``where`` names the record (dataset, split, id) in the error raised for a corrupt image.
   """
   if isinstance(data, np.ndarray) and data.dtype != object:
-    array = data
-  else:
-    if not isinstance(data, (bytes, bytearray)) or not data:
-      raise ValueError(
-          f"{where}: no image bytes (got {type(data).__name__} of length "
-          f'{len(data) if hasattr(data, "__len__") else "?"})'
-      )
-    try:
-      with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert("RGB"))
-    except Exception as e:  # PIL raises several types for truncated or unknown data
-      raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+    return _rgb_array(data, where)
+  return np.asarray(open_image(data, where=where))
+
+
+def _rgb_array(array: np.ndarray, where: str) -> np.ndarray:
+  """A decoded [H, W] or [H, W, 1|3|4] array as contiguous uint8 [H, W, 3]."""
   if array.ndim == 2:
     array = array[:, :, None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
@@ -80,14 +95,41 @@ def sample_crop_box(
 
 
 def crop_resize(
-    array: np.ndarray, box: tuple[int, int, int, int] | None, size: int, *, nearest: bool = False
+    image: np.ndarray | Image.Image,
+    box: tuple[int, int, int, int] | None,
+    size: int,
+    *,
+    nearest: bool = False,
 ) -> np.ndarray:
-  """Crops ``box`` (None = whole array) and resizes to [size, size] (bicubic or nearest)."""
-  height, width = array.shape[:2]
+  """Crops ``box`` (None = whole image) and resizes to [size, size] (bicubic or nearest).
+
+  ``image`` is an array [H, W, ...] or a PIL image; the result is an array. Bicubic resizing is
+  PIL's; nearest neighbour picks the pixels PIL's would.
+  """
+  if isinstance(image, Image.Image):
+    width, height = image.size
+  else:
+    height, width = image.shape[:2]
   top, left, crop_h, crop_w = box if box is not None else (0, 0, height, width)
   if (top, left, crop_h, crop_w) == (0, 0, height, width) and height == width == size:
-    return array
-  image = Image.fromarray(array)
-  resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
-  resized = image.resize((size, size), resample, box=(left, top, left + crop_w, top + crop_h))
-  return np.asarray(resized)
+    return np.asarray(image)
+  if nearest:
+    rows = _nearest_positions(top, crop_h, size)
+    cols = _nearest_positions(left, crop_w, size)
+    return np.asarray(image)[rows[:, None], cols]
+  if not isinstance(image, Image.Image):
+    image = Image.fromarray(image)
+  box = (left, top, left + crop_w, top + crop_h)
+  return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def _nearest_positions(start: int, length: int, size: int) -> np.ndarray:
+  """Source indices of ``size`` nearest-neighbour samples of ``[start, start + length)``.
+
+  As PIL's nearest resize: the first sample at ``start + step / 2``, each next one ``step``
+  further (accumulated in float64, in order), truncated to an index.
+  """
+  step = length / size
+  offsets = np.full(size, step)
+  offsets[0] = start + step * 0.5
+  return np.add.accumulate(offsets).astype(np.intp)

@@ -10,6 +10,11 @@ tfds gives all splits of a dataset one feature set. A builder whose module defin
 ``SPLIT_FIELDS`` (split name -> field names, as ``mmret.data.world_builder`` does) has its
 records cut down to their split's own fields, so a record's keys say what it holds.
 
+Records whose fields are all tensors (``Text``, ``Scalar``, ``Tensor`` with or without zlib
+encoding, and ``Sequence`` of those: every mmret dataset) are decoded by :class:`ExampleDecoder`,
+which parses only the split's fields and gives the values tfds' generic decoding gives; other
+features (``Image``, nested dicts, ragged sequences) go through tfds' decoding.
+
 A dataset directory and ``data_dir`` may be URLs (``gs://bucket/mmret/flickr30k``): they are
 checked through ``etils.epath`` and handed to tfds unchanged (never expanded or made absolute);
 the ArrayRecord reader opens the ``gs://`` shard paths tfds lists itself.
@@ -27,7 +32,14 @@ from etils import epath
 
 from mmret import faults
 
-__all__ = ["default_data_dir", "load_builder", "open_split", "dataset_metadata", "RecordSource"]
+__all__ = [
+    "default_data_dir",
+    "load_builder",
+    "open_split",
+    "dataset_metadata",
+    "ExampleDecoder",
+    "RecordSource",
+]
 
 # Fields that hold encoded image bytes: never decoded to text.
 BYTES_FIELDS = frozenset({"image"})
@@ -120,6 +132,79 @@ def _to_python(key: str, value: Any) -> Any:
   return value
 
 
+class ExampleDecoder:
+  """Decodes serialized ``tf.train.Example`` records to chosen fields' values as tfds gives them.
+
+  Each field's proto values become a numpy array of its serialized dtype and shape (a scalar
+  shape gives the Python value) and then go through the feature's own numpy decoding, as in
+  tfds' generic path, but only for the chosen fields and without its per-key bookkeeping.
+  ``plans`` holds, per field: its name, its ``(proto key, sub-key, TensorInfo)`` entries (one
+  per serialized tensor), whether its values go to the decoding as a dict by sub-key (an encoded
+  tensor's ``shape`` and ``value``) and the feature method that decodes them.
+  """
+
+  def __init__(self, plans):
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
+
+    self.plans = plans
+    self._parse = tf_example_pb2.Example.FromString
+
+  @classmethod
+  def for_fields(cls, features, fields) -> "ExampleDecoder | None":
+    """The decoder of ``fields`` of the ``FeaturesDict`` ``features``; None when a field's
+    feature is not a tensor or a non-nested sequence of tensors."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    plans = []
+    for field in sorted(fields):
+      feature = features[field]
+      if isinstance(feature, tfds.features.Tensor):
+        decode, rank = feature.decode_example_np, 0
+      elif isinstance(feature, tfds.features.Sequence) and isinstance(
+          feature.feature, tfds.features.Tensor
+      ):
+        decode, rank = feature.feature.decode_batch_example_np, 1
+      else:
+        return None
+      info = feature.get_serialized_info()
+      nested = isinstance(info, dict)
+      if nested:
+        entries = [(f"{field}/{sub}", sub, sub_info) for sub, sub_info in info.items()]
+      else:
+        entries = [(field, None, info)]
+      for _, _, tensor_info in entries:
+        if not hasattr(tensor_info, "np_dtype"):  # a nested dict: not a plain tensor
+          return None
+        if tensor_info.sequence_rank != rank or tensor_info.dataset_lvl:
+          return None
+      plans.append((field, entries, nested, decode))
+    return cls(plans)
+
+  def __call__(self, serialized: bytes) -> dict[str, Any]:
+    proto = self._parse(serialized).features.feature
+    record = {}
+    for field, entries, nested, decode in self.plans:
+      values = {}
+      for key, sub, tensor_info in entries:
+        if key not in proto:
+          raise KeyError(f"feature {key!r} is not in the serialized example")
+        values[sub] = _proto_values(proto[key], tensor_info, key)
+      record[field] = decode(values if nested else values[None])
+    return record
+
+
+def _proto_values(feature, tensor_info, key: str) -> Any:
+  """One ``tf.train.Feature`` as a numpy array of ``tensor_info``'s dtype and shape."""
+  kind = feature.WhichOneof("kind")
+  if kind is None:
+    raise ValueError(f"feature {key!r} holds no value list")
+  # A list first: numpy reads the proto's repeated field element by element otherwise.
+  array = np.array(list(getattr(feature, kind).value), dtype=tensor_info.np_dtype)
+  if not tensor_info.shape:
+    return array.item()
+  return array.reshape([-1 if d is None else d for d in tensor_info.shape])
+
+
 class RecordReadError(OSError):
   """A record of a prepared dataset cannot be read (e.g. a truncated ArrayRecord file)."""
 
@@ -138,7 +223,15 @@ class RecordSource:
     if split not in splits:
       raise KeyError(f"dataset {dataset!r} has no split {split!r}; available splits: {splits}")
     self.fields = _split_fields(builder, split)
-    self._records = builder.as_data_source(split)
+    # The fast decoder of the split's fields, or None: tfds decodes records.
+    self.decoder = ExampleDecoder.for_fields(builder.info.features, self.fields)
+    if self.decoder is not None:
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+      raw = tfds.decode.DeserializeMethod.RAW_BYTES
+      self._records = builder.as_data_source(split, deserialize_method=raw)
+    else:
+      self._records = builder.as_data_source(split)
 
   def __len__(self) -> int:
     return len(self._records)
@@ -157,6 +250,8 @@ class RecordSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     try:
       record = self._records[int(index)]
+      if self.decoder is not None:
+        record = self.decoder(record)
     except IndexError:
       raise
     except Exception as e:  # ArrayRecord/Riegeli raise RuntimeError for damaged files

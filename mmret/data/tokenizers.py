@@ -44,6 +44,9 @@ __all__ = [
     "get_tokenizer",
 ]
 
+# Distinct words whose ids a tokenizer memoises for encode_with_word_tags (a vocabulary's worth).
+WORD_CACHE_SIZE = 1 << 17
+
 
 class Tokenizer(abc.ABC):
   """Base class: subclasses define the pieces of a text; framing and padding live here."""
@@ -90,20 +93,26 @@ class Tokenizer(abc.ABC):
           f"{len(word_tags)} word tags for {len(words)} whitespace-separated "
           f"words in text {text[:80]!r}"
       )
-    body, body_tags = [], []
-    for word, tag in zip(words, word_tags):
-      pieces = self.word_ids(word)
-      body.extend(pieces)
-      body_tags.extend([int(tag)] * len(pieces))
-    framed = self._frame(body, max_len)
-    tags = [0, *body_tags[: max_len - 2], 0]
+    pieces = [self._cached_word_ids(word) for word in words]
+    framed = self._frame([i for word_pieces in pieces for i in word_pieces], max_len)
+    body_tags = np.repeat(word_tags, [len(word_pieces) for word_pieces in pieces])
     ids = np.full((max_len,), self.pad_id, np.int32)
     mask = np.zeros((max_len,), bool)
     token_tags = np.zeros((max_len,), np.int32)
     ids[: len(framed)] = framed
     mask[: len(framed)] = True
-    token_tags[: len(tags)] = tags
+    token_tags[1 : len(framed) - 1] = body_tags[: len(framed) - 2]
     return ids, mask, token_tags
+
+  def _cached_word_ids(self, word: str) -> tuple[int, ...]:
+    """:meth:`word_ids` of ``word``, memoised for the first ``WORD_CACHE_SIZE`` distinct words."""
+    cache = self.__dict__.setdefault("_word_ids_cache", {})
+    ids = cache.get(word)
+    if ids is None:
+      ids = tuple(self.word_ids(word))
+      if len(cache) < WORD_CACHE_SIZE:
+        cache[word] = ids
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
