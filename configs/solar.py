@@ -84,6 +84,9 @@ def get_config(arg=None):
       towers="scratch",
       oracle_masks=False,
       threshold="pairs",
+      score="cosine",
+      gla_weight=1.0,
+      anneal_start=0,
       negatives="ratio",
       segments="kmeans",
       eval_split="mm2mm",
@@ -95,10 +98,16 @@ def get_config(arg=None):
         "solar config: oracle_masks reads the embedded world's ground-truth intersection labels, "
         f"which data={arg.data!r} lacks"
     )
+  if not 0 <= arg.anneal_start < arg.stage1_steps:
+    raise ValueError(
+        f"solar config: anneal_start={arg.anneal_start} must be in [0, stage1_steps="
+        f"{arg.stage1_steps})"
+    )
   if arg.random_masks and arg.oracle_masks:
     raise ValueError("solar config: random_masks and oracle_masks exclude each other")
   config_lib.check_choice("solar", "towers", arg.towers, config_lib.TOWERS)
   config_lib.check_choice("solar", "threshold", arg.threshold, ("pairs", "mixture"))
+  config_lib.check_choice("solar", "score", arg.score, ("cosine", "contrast"))
   config_lib.check_choice("solar", "negatives", arg.negatives, ("ratio", "fact"))
   config_lib.check_choice("solar", "segments", arg.segments, ("kmeans", "agglomerative"))
   config_lib.check_choice("solar", "eval_split", arg.eval_split, ("mm2mm", "mm2mm_val"))
@@ -128,15 +137,17 @@ def get_config(arg=None):
       total_steps=arg.stage1_steps,
       method=dict(
           name="solar_stage1",
-          anneal_steps=arg.stage1_steps // 2,
+          anneal_steps=(arg.stage1_steps - arg.anneal_start) // 2,
           anneal_schedule="linear",
+          anneal_start=arg.anneal_start,
           mask_source=stage1_source,
           min_variance=1e-6,
           threshold=arg.threshold,
+          score=arg.score,
       ),
       loss=dict(
           itc_weight=1.0,
-          gla_weight=1.0,
+          gla_weight=arg.gla_weight,
           ld_weight=0.1,
           gd_weight=0.1,
           gla_margin=0.2,
@@ -162,6 +173,7 @@ def get_config(arg=None):
           text_negative=arg.negatives,
           image_negative=arg.negatives,
           threshold=arg.threshold,
+          score=arg.score,
           segment_method=arg.segments,
           patch_label_fraction=0.25,
       ),
@@ -179,6 +191,7 @@ def get_config(arg=None):
         num_overlays=8,
         patch_label_fraction=0.25,
         threshold=arg.threshold,
+        score=arg.score,
     )
     if arg.stage1_mm2mm:
       stage1["evals"]["mm2mm"] = mm2mm

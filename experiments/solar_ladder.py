@@ -4,10 +4,11 @@
 
 Each rung trains SOLAR's stage 1 (``configs/solar.py``, seed 0, batch 32) with the rung's
 arguments and overrides, then fits masks on the held-out pairs of the world (split ``val``, 256
-pairs no run trained on) with both threshold estimators ('pairs', the paper's, and 'mixture') and
+pairs no run trained on) with the threshold estimators ('pairs', the paper's, and 'mixture') on
+the paper's cosine scores and 'pairs' on the contrast scores (``masks.token_score_samples``), and
 scores them against the ground truth: AUC of the token/patch scores (intersection vs all other
-units; 50 = chance, independent of the threshold), precision, recall and predicted fraction of the
-masks. Base rates: 34 % of caption tokens, 12 % of patches are intersection. Writes
+units, and vs the difference units alone; 50 = chance, independent of the threshold), precision,
+recall and predicted fraction of the masks. Base rates: 34 % of caption tokens, 12 % of patches are intersection. Writes
 ``<workdir>/solar_ladder.md`` and ``solar_ladder.json``; finished rungs are reused.
 """
 
@@ -24,9 +25,14 @@ from mmret.recipes.solar import evaluator
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the rungs' runs and the table go.", required=True)
-flags.DEFINE_list("rungs", [], "Only these rungs (default: all but the shipped-tower one).")
+flags.DEFINE_multi_string(
+    "rungs",
+    [],
+    "Only this rung (repeat the flag for several; default: all but the shipped-tower one).",
+)
 flags.DEFINE_integer("seed", 0, "Training seed of every rung.")
 
+NEVER = 10**9  # an anneal start no run reaches: rho stays 1
 # name -> (configs/solar.py arguments, {dotted stage-1 config field: value}).
 RUNGS = {
     "tower depth 2, 150 steps (the size's towers)": ("tower_depth=-1,threshold=mixture", {}),
@@ -59,19 +65,39 @@ RUNGS = {
         "tower_depth=0,threshold=mixture,stage1_steps=600,world=small",
         {},
     ),
-    # Pretrained towers (frozen EfficientNet-Lite0 + MiniLM, real-image world): about 11 s per
-    # step on 2 CPU cores without a feature cache; run it with --rungs.
+    # Pretrained towers (frozen EfficientNet-Lite0 + MiniLM, real-image world; the towers'
+    # outputs come from the feature cache); run it with --rungs.
     "shipped towers, 150 steps": ("towers=shipped,world=fashion_tiny,threshold=mixture", {}),
+    # GLA's gradient is 100-300x smaller than the masked ITC's at the start (README, rung 3), and
+    # masks from untrained scores keep the masked ITC near chance with depth-0 towers: the
+    # masked ITC sees every unit (rho 1) throughout, or until step 75.
+    "tower depth 0, rho 1 throughout": (
+        "tower_depth=0",
+        {"method.anneal_start": NEVER},
+    ),
+    "tower depth 0, rho 1 throughout, GLA weight 30": (
+        "tower_depth=0,gla_weight=30",
+        {"method.anneal_start": NEVER},
+    ),
+    "tower depth 2, rho 1 throughout, GLA weight 30": (
+        "tower_depth=-1,gla_weight=30",
+        {"method.anneal_start": NEVER},
+    ),
+    "tower depth 0, masks from step 75, GLA weight 30, contrast score": (
+        "tower_depth=0,gla_weight=30,anneal_start=75,score=contrast",
+        {},
+    ),
 }
 DEFAULT_SKIP = ("shipped towers, 150 steps",)
-ESTIMATORS = ("pairs", "mixture")
+# Mask fits each rung is measured with: (threshold estimator, token score).
+ESTIMATORS = (("pairs", "cosine"), ("mixture", "cosine"), ("pairs", "contrast"))
 COLUMNS = (
-    ("text AUC", "text_mask/auc"),
+    ("text AUC (vs diff.)", ("text_mask/auc", "text_mask/auc_vs_difference")),
     (
         "text P / R / pred",
         ("text_mask/precision", "text_mask/recall", "text_mask/predicted_fraction"),
     ),
-    ("patch AUC", "patch_mask/auc"),
+    ("patch AUC (vs diff.)", ("patch_mask/auc", "patch_mask/auc_vs_difference")),
     (
         "patch P / R / pred",
         ("patch_mask/precision", "patch_mask/recall", "patch_mask/predicted_fraction"),
@@ -106,14 +132,15 @@ def run_rung(name: str, args: str, overrides: dict, workdir: str, seed: int) -> 
   params = train.load_params(config, workdir)
   data = sources.open_split(solar_config.get_config(args).stages.stage1.evals.masks.dataset, "val")
   out = {"rung": name, "args": args, "overrides": overrides}
-  for estimator in ESTIMATORS:
-    out[estimator] = evaluator.evaluate_solar_masks(
+  for threshold, score in ESTIMATORS:
+    out[f"{threshold}, {score}"] = evaluator.evaluate_solar_masks(
         setup.predict,
         data=data,
         input_cfg=config.input,
         params=params,
-        workdir=os.path.join(workdir, f"masks_{estimator}"),
-        threshold=estimator,
+        workdir=os.path.join(workdir, f"masks_{threshold}_{score}"),
+        threshold=threshold,
+        score=score,
     )
   with open(done, "w") as f:
     json.dump(out, f, indent=2)
@@ -121,10 +148,11 @@ def run_rung(name: str, args: str, overrides: dict, workdir: str, seed: int) -> 
 
 
 def markdown(results) -> str:
-  headers = ["rung", "estimator"] + [c for c, _ in COLUMNS]
+  headers = ["rung", "estimator, score"] + [c for c, _ in COLUMNS]
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   for result in results:
-    for estimator in ESTIMATORS:
+    for threshold, score in ESTIMATORS:
+      estimator = f"{threshold}, {score}"
       metrics = result[estimator]
       cells = []
       for _, keys in COLUMNS:

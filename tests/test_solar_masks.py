@@ -180,21 +180,66 @@ def test_fit_masks_match_the_reference_thresholds_and_scores():
   assert not np.any(np.asarray(grad))
 
 
-def test_fit_masks_on_8_devices_equal_one_device():
+def test_contrast_scores_equal_a_float64_loop_over_the_definition():
+  image_tokens, text_tokens, text_mask, z_image, z_text = _pairs()
+  fitted = masks.fit_masks(image_tokens, text_tokens, text_mask, z_image, z_text, score="contrast")
+  unit = lambda x: np.asarray(x, np.float64) / np.linalg.norm(x, axis=-1, keepdims=True)
+  for tokens, partners, key in ((text_tokens, z_image, "text"), (image_tokens, z_text, "image")):
+    tokens, partners = unit(tokens), unit(partners)
+    n, length = tokens.shape[:2]
+    expected = np.zeros((n, length))
+    for b in range(n):
+      for t in range(length):
+        others = [tokens[b, t] @ partners[m] for m in range(n) if m != b]
+        expected[b, t] = tokens[b, t] @ partners[b] - sum(others) / len(others)
+    np.testing.assert_allclose(fitted[f"{key}_scores"], expected, atol=1e-5)
+  # Threshold: the paper's crossing fitted to the contrast scores of positive and negative pairs.
+  positive, _, negative, negative_mask = masks.token_score_samples(
+      text_tokens, text_mask, z_image, score="contrast"
+  )
+  np.testing.assert_allclose(
+      np.mean(np.asarray(negative)[np.asarray(negative_mask)]), 0.0, atol=1e-6
+  )  # centred on 0 by construction
+  threshold = masks.fit_threshold(positive, negative, text_mask, negative_mask)
+  np.testing.assert_allclose(fitted["text_threshold"], threshold, rtol=1e-5)
+  with pytest.raises(ValueError, match="token score"):
+    masks.fit_masks(image_tokens, text_tokens, text_mask, z_image, z_text, score="lift")
+
+
+def test_contrast_score_removes_an_offset_shared_by_every_partner():
+  """A unit as close to every partner (a template word) scores high as a cosine, 0 in contrast;
+  a unit that points at its own partner only scores high in both."""
+  n, d = 4, 8
+  z = np.eye(n, d, dtype=np.float32)
+  common = np.full(d, 0.0, np.float32)
+  common[:n] = 1.0  # equally close to every partner
+  own = z  # the partner's direction
+  tokens = np.stack([common[None].repeat(n, 0), own], axis=1)  # [n, 2, d]: template, intersection
+  mask = np.ones((n, 2), bool)
+  cosine = masks.token_score_samples(tokens, mask, z)[0]
+  contrast = masks.token_score_samples(tokens, mask, z, score="contrast")[0]
+  np.testing.assert_allclose(cosine[:, 0], 0.5, rtol=1e-6)
+  np.testing.assert_allclose(contrast[:, 0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(contrast[:, 1], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["cosine", "contrast"])
+def test_fit_masks_on_8_devices_equal_one_device(score):
   inputs = dict(zip(("image_tokens", "text_tokens", "text_mask", "z_image", "z_text"), _pairs()))
+  inputs["score"] = score
   single = masks.fit_masks(**inputs)
   mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
   P = jax.sharding.PartitionSpec
 
   def per_device(x):
-    fitted = masks.fit_masks(**x, axis_name="d")
+    fitted = masks.fit_masks(**x, axis_name="d", score=score)
     # Thresholds are scalars on each device: give them an axis so that the 8 copies are stacked.
     return {k: v[None] if v.ndim == 0 else v for k, v in fitted.items()}
 
   sharded = jax.jit(
       jax.shard_map(per_device, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False)
   )
-  got = jax.block_until_ready(sharded(inputs))
+  got = jax.block_until_ready(sharded({k: v for k, v in inputs.items() if k != "score"}))
   for key in ("image_threshold", "text_threshold"):
     np.testing.assert_allclose(got[key], np.full(8, single[key]), rtol=1e-5)
   for key in ("image_scores", "text_scores"):
@@ -233,6 +278,15 @@ def test_anneal_rho_goes_from_one_to_zero(schedule):
     np.testing.assert_allclose(values[1], 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-6)
   with pytest.raises(ValueError, match="schedule"):
     masks.anneal_rho(0, 10, schedule="step")
+
+
+def test_anneal_rho_holds_one_until_the_start():
+  rho = jax.jit(lambda s: masks.anneal_rho(s, 100, start=50))
+  values = [float(rho(jnp.int32(s))) for s in (0, 49, 50, 100, 150, 151)]
+  np.testing.assert_allclose(values, [1.0, 1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
+  np.testing.assert_allclose([float(masks.anneal_rho(s, 0, start=3)) for s in (2, 3)], [1, 0])
+  with pytest.raises(ValueError, match="start"):
+    masks.anneal_rho(0, 10, start=-1)
 
 
 def test_annealed_mask():

@@ -398,6 +398,31 @@ def test_mask_metrics_find_an_intersection_the_features_encode():
   assert metrics["patch_mask/auc"] == pytest.approx(50.0)  # all tied
 
 
+def test_auc_against_the_difference_leaves_template_units_out():
+  """Template words scoring like intersection words lower the AUC against all other units, not
+  the AUC against the difference (text-only) words: 2 intersection, 2 template, 1 text-only token
+  per caption, scores 0.9 / 0.9 / 0.1 with one intersection token at 0.05."""
+  n = 4
+  kinds = np.array([[1, 1, 0, 0, 2]] * n)
+  scores = np.array([[0.9, 0.05, 0.9, 0.9, 0.1]] * n, np.float32)
+  z = np.eye(n, 8, dtype=np.float32)
+  other = np.eye(8, dtype=np.float32)[7]
+  # Token features whose cosine to the partner's image global is the score above.
+  text_tokens = scores[..., None] * z[:, None] + np.sqrt(1 - scores**2)[..., None] * other
+  truth = {
+      "text_mask": np.ones(kinds.shape, bool),
+      "text_intersection": kinds,
+      "image_labels": np.zeros((n, 8, 8), np.uint8),
+  }
+  outputs = {"z_image": z, "z_text": z, "image_tokens": np.ones((n, 4, 8), np.float32)}
+  metrics, _, _ = evaluator.mask_metrics(dict(outputs, text_tokens=text_tokens), truth)
+  # Intersection [0.9, 0.05] vs others [0.9, 0.9, 0.1]: 0.9 wins 0.5 + 0.5 + 1, 0.05 wins 0 -> 2/6.
+  assert metrics["text_mask/auc"] == pytest.approx(100 * 2 / 6, abs=1e-3)
+  # Against the text-only word only: 0.9 > 0.1, 0.05 < 0.1 -> 1/2.
+  assert metrics["text_mask/auc_vs_difference"] == pytest.approx(50.0, abs=1e-3)
+  assert np.isnan(metrics["patch_mask/auc_vs_difference"])  # no image-only patch in the batch
+
+
 def test_auc_equals_the_pairwise_definition():
   rng = np.random.default_rng(3)
   positive = np.round(rng.normal(0.5, 1.0, 40), 1)  # rounding makes ties

@@ -9,10 +9,13 @@ memorised its pairs scores their text-only words like intersection words)::
 The model's adapted tokens and unimodal globals come from the shared embedding pass
 (``mmret.evals.embed.item_outputs``); masks are fitted by ``masks.fit_masks``, as in training, with
 one threshold per modality over the evaluated pairs (own partner vs every other pair's; estimator
-``threshold``: 'pairs' or 'mixture'). Metrics (percent): ``{text,patch}_mask/{iou,precision,recall}``
+``threshold``: 'pairs' or 'mixture'; token ``score``: 'cosine' or 'contrast'). Metrics (percent): ``{text,patch}_mask/{iou,precision,recall}``
 micro-averaged over the examples, the predicted and true mask fractions, the thresholds (cosines),
 the AUC of the scores of intersection units against all other units (``{text,patch}_mask/auc``:
-50 = the scores carry no information, whatever the threshold) and the mean score per kind of unit
+50 = the scores carry no information, whatever the threshold), the AUC of intersection units
+against the difference units alone (``{text,patch}_mask/auc_vs_difference``: text-only tokens,
+image-only patches; the separation stage 2's positives and hard negatives rely on, template words
+and background left out) and the mean score per kind of unit
 (``text_scores/{template,intersection,text_only}``, ``patch_scores/{background,intersection,
 image_only}``). Files in the evaluation's directory: ``overlays.png`` (per row: the image, the true
 intersection patches in green, the predicted ones in red; a legend under the rows says so),
@@ -42,6 +45,7 @@ PASS_OUTPUTS = ("image_tokens", "text_tokens", "text_mask", "z_image", "z_text")
 TEXT_KINDS = ("template", "intersection", "text_only")
 PATCH_KINDS = ("background", "intersection", "image_only")
 KIND_COLOURS = ((150, 150, 150), (0, 170, 0), (210, 60, 0))
+DIFFERENCE_KIND = 2  # text-only tokens, image-only patches: what one modality alone carries
 # The legend under the overlays: (text, swatch colour or None), one row each.
 OVERLAY_LEGEND = (
     ("per row: image | ground truth | prediction", None),
@@ -258,7 +262,13 @@ def draw_score_histograms(panels, *, bins=30, width=360, height=180) -> np.ndarr
 
 
 def mask_metrics(
-    outputs, truth, *, patch_label_fraction=0.25, min_variance=1e-6, threshold="pairs"
+    outputs,
+    truth,
+    *,
+    patch_label_fraction=0.25,
+    min_variance=1e-6,
+    threshold="pairs",
+    score="cosine",
 ):
   """Masks fitted on the evaluated pairs (``masks.fit_masks``) against the ground truth.
 
@@ -266,7 +276,8 @@ def mask_metrics(
   ``truth``: ``text_mask`` and ``text_intersection`` (token tags) [N,L], ``image_labels`` [N,H,W].
   Besides the masks' quality, the scores themselves: their mean per kind of unit
   (``{text,patch}_scores/<kind>``) and the AUC of intersection units against all other units
-  (``{text,patch}_mask/auc``: how well any threshold could separate them).
+  (``{text,patch}_mask/auc``: how well any threshold could separate them), and of intersection
+  units against difference units alone (``{text,patch}_mask/auc_vs_difference``).
   Returns (metrics in percent, {'image', 'text', 'true_patches'} bool masks, score panels).
   """
   text_mask = np.asarray(truth["text_mask"], bool)
@@ -279,6 +290,7 @@ def mask_metrics(
           jnp.asarray(outputs["z_text"]),
           min_variance=min_variance,
           threshold=threshold,
+          score=score,
       )
   )
   image_mask = np.asarray(fitted["image_intersection_mask"])
@@ -315,6 +327,8 @@ def mask_metrics(
     )
     metrics.update({f"{unit}_scores/{k}": float(v.mean()) for k, v in groups.items() if v.size})
     metrics[f"{name}/auc"] = 100.0 * auc(scores[valid & true], scores[valid & ~true])
+    difference = valid & (kinds[unit] == DIFFERENCE_KIND)
+    metrics[f"{name}/auc_vs_difference"] = 100.0 * auc(scores[valid & true], scores[difference])
     which = "image_threshold" if unit == "patch" else "text_threshold"
     title = (
         "patch scores (vs caption global)"
@@ -338,6 +352,7 @@ def evaluate_solar_masks(
     patch_label_fraction: float = 0.25,
     min_variance: float = 1e-6,
     threshold: str = "pairs",
+    score: str = "cosine",
     batches_fn=None,
     mesh=None,
 ) -> dict:
@@ -368,6 +383,7 @@ def evaluate_solar_masks(
       patch_label_fraction=patch_label_fraction,
       min_variance=min_variance,
       threshold=threshold,
+      score=score,
   )
   if workdir is not None and jax.process_index() == 0:
     write_files(

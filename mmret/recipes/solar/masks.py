@@ -165,35 +165,60 @@ def token_scores(tokens, partner_global):
   return jnp.einsum("btd,bd->bt", l2_normalize(tokens), l2_normalize(partner_global))
 
 
-def token_score_samples(tokens, token_mask, partner_global, *, axis_name=None):
+SCORES = ("cosine", "contrast")
+
+
+def token_score_samples(tokens, token_mask, partner_global, *, axis_name=None, score="cosine"):
   """Scores of tokens against their own partner (positives) and the other samples' (negatives).
 
+  ``score`` 'cosine' (the paper's): s[b,t,n] = cos(token t of sample b, partner global n).
+  'contrast': the same cosine minus the token's mean cosine to the other samples' partners
+  (all devices), so a unit that is as close to every partner (a template word, plain
+  background) scores 0 against its own partner whatever its offset, and only what tells the
+  partner apart from the others scores above 0; the negatives are centred on 0 by construction.
   Returns (positive [B,T], positive_mask [B,T], negative [B,T,N], negative_mask [B,T,N]).
   """
+  if score not in SCORES:
+    raise ValueError(f"unknown token score {score!r}; expected one of {SCORES}")
   partners = gather(l2_normalize(partner_global), axis_name)
   tokens = l2_normalize(tokens)
   negative = jnp.einsum("btd,nd->btn", tokens, partners)
   own = local_labels(tokens.shape[0], axis_name)
   is_other = jnp.arange(partners.shape[0])[None, :] != own[:, None]
   negative_mask = token_mask[:, :, None] & is_other[:, None, :]
-  return token_scores(tokens, partner_global), token_mask, negative, negative_mask
+  positive = token_scores(tokens, partner_global)
+  if score == "contrast":
+    others = jnp.maximum(partners.shape[0] - 1, 1)
+    offset = jnp.sum(jnp.where(is_other[:, None, :], negative, 0.0), axis=-1) / others
+    positive, negative = positive - offset, negative - offset[..., None]
+  return positive, token_mask, negative, negative_mask
 
 
 def intersection_threshold(
-    tokens, token_mask, partner_global, *, axis_name=None, min_variance=1e-6, threshold="pairs"
+    tokens,
+    token_mask,
+    partner_global,
+    *,
+    axis_name=None,
+    min_variance=1e-6,
+    threshold="pairs",
+    score="cosine",
 ):
-  """Threshold of one modality's token scores (own partner vs in-batch others).
+  """Threshold of one modality's token scores (own partner vs in-batch others), and the scores.
 
   ``threshold``: 'pairs' (the paper's: the density crossing of one Gaussian fitted to the
   positive-pair scores and one to the negative-pair scores, :func:`fit_threshold`) or 'mixture'
   (the intersection component inside the positive pairs, :func:`fit_mixture_threshold`).
+  ``score``: as :func:`token_score_samples`. Returns (threshold, positive-pair scores [B,T]).
   """
   if threshold not in THRESHOLDS:
     raise ValueError(f"unknown threshold estimator {threshold!r}; expected one of {THRESHOLDS}")
-  samples = token_score_samples(tokens, token_mask, partner_global, axis_name=axis_name)
+  samples = token_score_samples(
+      tokens, token_mask, partner_global, axis_name=axis_name, score=score
+  )
   positive, positive_mask, negative, negative_mask = samples
   if threshold == "mixture":
-    return fit_mixture_threshold(
+    fitted = fit_mixture_threshold(
         positive,
         negative,
         positive_mask,
@@ -201,14 +226,16 @@ def intersection_threshold(
         axis_name=axis_name,
         min_variance=min_variance,
     )[0]
-  return fit_threshold(
-      positive,
-      negative,
-      positive_mask,
-      negative_mask,
-      axis_name=axis_name,
-      min_variance=min_variance,
-  )
+  else:
+    fitted = fit_threshold(
+        positive,
+        negative,
+        positive_mask,
+        negative_mask,
+        axis_name=axis_name,
+        min_variance=min_variance,
+    )
+  return fitted, positive
 
 
 def fit_masks(
@@ -221,11 +248,13 @@ def fit_masks(
     axis_name=None,
     min_variance=1e-6,
     threshold="pairs",
+    score="cosine",
 ):
   """The intersection masks of a batch of pairs (no gradient through any output).
 
-  Token scores are cosines to the partner's unimodal global (patches vs z_text, words vs z_image);
-  each modality's threshold is the density crossing of its positive-pair and in-batch-negative
+  Token scores are cosines to the partner's unimodal global (patches vs z_text, words vs z_image),
+  with ``score`` 'contrast' less the unit's mean cosine to the other samples' partners
+  (:func:`token_score_samples`); each modality's threshold is the density crossing of its positive-pair and in-batch-negative
   scores over all devices (``threshold`` 'pairs', the paper's), or the crossing of the intersection
   and difference components inside the positive pairs ('mixture', :func:`fit_mixture_threshold`).
   Returns ``image_scores`` [B,P], ``text_scores`` [B,L], the scalar
@@ -237,12 +266,14 @@ def fit_masks(
   )
   patch_valid = jnp.ones(image_tokens.shape[:2], bool)
   fit = functools.partial(
-      intersection_threshold, axis_name=axis_name, min_variance=min_variance, threshold=threshold
+      intersection_threshold,
+      axis_name=axis_name,
+      min_variance=min_variance,
+      threshold=threshold,
+      score=score,
   )
-  image_threshold = fit(image_tokens, patch_valid, z_text)
-  text_threshold = fit(text_tokens, text_mask, z_image)
-  image_scores = token_scores(image_tokens, z_text)
-  text_scores = token_scores(text_tokens, z_image)
+  image_threshold, image_scores = fit(image_tokens, patch_valid, z_text)
+  text_threshold, text_scores = fit(text_tokens, text_mask, z_image)
   return {
       "image_scores": image_scores,
       "text_scores": text_scores,
@@ -283,14 +314,17 @@ def randomize_masks(masks, image_keys, text_keys, text_mask):
 # --------------------------------------------------------------------------------------------------
 
 
-def anneal_rho(step, anneal_steps, *, schedule="linear"):
-  """rho(step): 1 at step 0, falling to 0 at ``anneal_steps`` and after (jit-able in ``step``).
+def anneal_rho(step, anneal_steps, *, schedule="linear", start=0):
+  """rho(step): 1 up to step ``start``, falling to 0 over the next ``anneal_steps`` steps and 0
+  after (jit-able in ``step``).
 
   ``schedule`` is 'linear' (1 - progress) or 'cosine' (0.5 (1 + cos(pi progress))).
   """
+  if start < 0:
+    raise ValueError(f"anneal start must be >= 0, got {start}")
   if anneal_steps <= 0:
-    return jnp.zeros((), jnp.float32)
-  progress = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+    return jnp.where(jnp.asarray(step) < start, 1.0, 0.0).astype(jnp.float32)
+  progress = jnp.clip((jnp.asarray(step, jnp.float32) - start) / anneal_steps, 0.0, 1.0)
   if schedule == "linear":
     return 1.0 - progress
   if schedule == "cosine":

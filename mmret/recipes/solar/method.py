@@ -121,7 +121,9 @@ def teacher_pass(model, params, teacher, batch):
   }
 
 
-def fit_intersection(tower_outputs, keys, *, mask_source, min_variance, axis_name, threshold):
+def fit_intersection(
+    tower_outputs, keys, *, mask_source, min_variance, axis_name, threshold, score
+):
   """``masks.fit_masks`` on a tower pass (tokens and unimodal globals), or with ``mask_source``
   'random' the ablation's masks: random, of the same density per sample (``keys``: per example)."""
   intersection = masks_lib.fit_masks(
@@ -132,6 +134,7 @@ def fit_intersection(tower_outputs, keys, *, mask_source, min_variance, axis_nam
       axis_name=axis_name,
       min_variance=min_variance,
       threshold=threshold,
+      score=score,
   )
   if mask_source != "random":
     return intersection
@@ -183,16 +186,21 @@ def make_stage1_forward(
     *,
     anneal_steps=100,
     anneal_schedule="linear",
+    anneal_start=0,
     mask_source="learned",
     min_variance=1e-6,
     threshold="pairs",
+    score="cosine",
 ):
-  """Stage-1 forward; ``anneal_steps``/``anneal_schedule``: rho goes 1 -> 0 (``anneal_rho``);
-  ``threshold``: the estimator of ``masks.fit_masks`` ('pairs' or 'mixture')."""
+  """Stage-1 forward; ``anneal_start``/``anneal_steps``/``anneal_schedule``: rho stays 1 (the
+  masked ITC sees every unit) up to ``anneal_start``, then goes 1 -> 0 (``anneal_rho``);
+  ``threshold`` and ``score``: the estimator and token score of ``masks.fit_masks``."""
   _check_model(model)
   _check_choice("mask_source", mask_source, STAGE1_MASK_SOURCES)
   _check_choice("threshold", threshold, masks_lib.THRESHOLDS)
-  masks_lib.anneal_rho(0, anneal_steps, schedule=anneal_schedule)  # validates the schedule name
+  _check_choice("score", score, masks_lib.SCORES)
+  # Validates the schedule name and the start.
+  masks_lib.anneal_rho(0, anneal_steps, schedule=anneal_schedule, start=anneal_start)
 
   def forward(params, frozen, batch, *, rng, step, axis_name=None):
     keys = methods.example_keys(rng, methods.batch_size(batch), axis_name=axis_name)
@@ -206,8 +214,9 @@ def make_stage1_forward(
         min_variance=min_variance,
         axis_name=axis_name,
         threshold=threshold,
+        score=score,
     )
-    rho = masks_lib.anneal_rho(step, anneal_steps, schedule=anneal_schedule)
+    rho = masks_lib.anneal_rho(step, anneal_steps, schedule=anneal_schedule, start=anneal_start)
     encode_joint = joint_encoder(
         model, params, train=True, keys=methods.key_stream(keys, _MASKED_DROPOUT)
     )
@@ -311,6 +320,7 @@ def make_stage2_forward(
     text_negative="ratio",
     image_negative="ratio",
     threshold="pairs",
+    score="cosine",
     segment_method="kmeans",
     patch_label_fraction=0.25,
 ):
@@ -322,14 +332,15 @@ def make_stage2_forward(
   modality each sample masks ('both', 'text', 'image', 'random'); ``mask_ratio`` of the
   intersection units are dropped for the positive and ``negative_ratio`` of the difference units
   for the hard negative (``views.masked_views``), or with ``text_negative`` / ``image_negative``
-  'fact' one phrase / one segment of the difference (``views.stage2_views``). ``threshold``: the
-  estimator of ``masks.fit_masks``; ``segment_method``: 'kmeans' or 'agglomerative'
+  'fact' one phrase / one segment of the difference (``views.stage2_views``). ``threshold`` and
+  ``score``: the estimator and token score of ``masks.fit_masks``; ``segment_method``: 'kmeans' or 'agglomerative'
   (``segments.patch_segments``).
   """
   _check_model(model)
   _check_choice("mask_source", mask_source, STAGE2_MASK_SOURCES)
   _check_choice("view_mode", view_mode, views_lib.VIEW_MODES)
   _check_choice("threshold", threshold, masks_lib.THRESHOLDS)
+  _check_choice("score", score, masks_lib.SCORES)
   _check_choice("text_negative", text_negative, views_lib.NEGATIVES)
   _check_choice("image_negative", image_negative, views_lib.NEGATIVES)
   _check_choice("segment_method", segment_method, segments.METHODS)
@@ -347,6 +358,7 @@ def make_stage2_forward(
         min_variance=min_variance,
         axis_name=axis_name,
         threshold=threshold,
+        score=score,
     )
     if mask_source == "oracle":
       intersection.update(
