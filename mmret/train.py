@@ -144,7 +144,7 @@ class Setup:
     self.example = example_batch(config.input)
     # (rank, alpha, targets), or None when LoRA is off.
     self.lora = lora_lib.config_values(config.model.get("lora"))
-    abstract_params = jax.eval_shape(lambda: self._initial_params(jax.random.PRNGKey(0), 0))
+    abstract_params = jax.eval_shape(lambda: self.initial_params(jax.random.PRNGKey(0), 0))
     if self.lora is not None:
       lora_lib.check_not_frozen(config.optim.freeze, abstract_params[lora_lib.LORA])
     self.tx, self.lr = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
@@ -196,7 +196,7 @@ class Setup:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), self._LORA_KEY)
     return dict(params, **{lora_lib.LORA: lora_lib.init(params, key, rank=rank, targets=targets)})
 
-  def _initial_params(self, key, seed: int):
+  def initial_params(self, key, seed: int):
     """Random model parameters from ``key``, with fresh LoRA factors from ``seed``."""
     return self._add_lora(self.model.init(key, self.example)["params"], seed)
 
@@ -247,7 +247,7 @@ class Setup:
     def init():
       params = None
       if self.lora is not None:
-        params = self._initial_params(jax.random.PRNGKey(0), 0)
+        params = self.initial_params(jax.random.PRNGKey(0), 0)
       state = step_lib.init_state(
           self.model, self.example, self.tx, seed=0, mapping=mapping, params=params
       )
