@@ -17,7 +17,12 @@ oracle_masks (a diagnostic: stage 2 builds its views from the embedded world's g
 intersection labels instead of stage 1's masks, ``method.mask_source`` 'oracle'), threshold
 ('pairs': the paper's density crossing of positive- and negative-pair scores; 'mixture': the
 intersection component fitted inside the positive pairs, ``masks.fit_mixture_threshold``; both
-stages and the mask evaluator), negatives (stage 2's hard negatives drop 'ratio', i.e.
+stages and the mask evaluator), score (the token score masks threshold: 'cosine', the paper's
+cosine to the partner's global, or 'contrast', that cosine less the unit's mean cosine to the
+other samples' partners, ``masks.token_score_samples``), gla_weight (stage 1's GLA loss weight;
+README's ladder measures its gradient against the masked ITC's), anneal_start (stage-1 step
+before which the masked ITC sees every unit, rho = 1; the masks then anneal in over half of the
+remaining steps), negatives (stage 2's hard negatives drop 'ratio', i.e.
 ``method.negative_ratio`` of the difference units, or one 'fact': one phrase of the caption, one
 image segment; per modality in ``method.{text,image}_negative``), segments ('kmeans' or the
 paper's hierarchical 'agglomerative' grouping of patches), eval_split ('mm2mm', the reported set,

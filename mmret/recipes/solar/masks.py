@@ -217,25 +217,16 @@ def intersection_threshold(
       tokens, token_mask, partner_global, axis_name=axis_name, score=score
   )
   positive, positive_mask, negative, negative_mask = samples
-  if threshold == "mixture":
-    fitted = fit_mixture_threshold(
-        positive,
-        negative,
-        positive_mask,
-        negative_mask,
-        axis_name=axis_name,
-        min_variance=min_variance,
-    )[0]
-  else:
-    fitted = fit_threshold(
-        positive,
-        negative,
-        positive_mask,
-        negative_mask,
-        axis_name=axis_name,
-        min_variance=min_variance,
-    )
-  return fitted, positive
+  fit = fit_mixture_threshold if threshold == "mixture" else fit_threshold
+  fitted = fit(
+      positive,
+      negative,
+      positive_mask,
+      negative_mask,
+      axis_name=axis_name,
+      min_variance=min_variance,
+  )
+  return (fitted[0] if threshold == "mixture" else fitted), positive
 
 
 def fit_masks(
