@@ -26,6 +26,14 @@ def _batch(n, seed=0, image_size=16, text_len=8, vocab=50):
   }
 
 
+def _one_block_model():
+  """The tiny model with one block per tower and 4 px patches (16 px images, 8 tokens)."""
+  model_cfg = config_lib.model_config("tiny")
+  model_cfg.image.patch_size = 4
+  model_cfg.image.depth = model_cfg.text.depth = 1
+  return build_model(model_cfg, vocab_size=50, max_text_len=8)
+
+
 def test_batch_not_divisible_by_devices_names_the_key():
   mapping = step_lib.DeviceMapping("pmap")
   with pytest.raises(ValueError, match="text_ids"):
@@ -38,10 +46,7 @@ def test_unknown_mapping_is_an_error():
 
 
 def test_frozen_tower_gets_no_update_and_no_backward_pass():
-  model_cfg = config_lib.model_config("tiny")
-  model_cfg.image.patch_size = 4
-  model_cfg.image.depth = model_cfg.text.depth = 1
-  model = build_model(model_cfg, vocab_size=50, max_text_len=8)
+  model = _one_block_model()
   batch = _batch(8)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
   forward, loss_fn = methods.CONTRASTIVE.make_forward(model), registry.loss("clip")
@@ -152,10 +157,7 @@ def test_exact_gelu_and_its_gradient_match_float64_erf():
 
 
 def test_an_image_tower_refuses_pixels_nobody_normalised():
-  model_cfg = config_lib.model_config("tiny")
-  model_cfg.image.patch_size = 4
-  model_cfg.image.depth = model_cfg.text.depth = 1
-  model = build_model(model_cfg, vocab_size=50, max_text_len=8)
+  model = _one_block_model()
   batch = _batch(2)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
   raw = dict(batch, image=np.zeros((2, 16, 16, 3), np.uint8))
