@@ -13,10 +13,12 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmret.data import pipeline, sources
+from mmret.data import pipeline, shuffle, sources
 
 IMAGE_SIZE = 16
 NUM_RECORDS = 24
+# The whole stream and the second of two process shares.
+SHARES = ({}, {"process_index": 1, "process_count": 2})
 NUM_PLAIN_RECORDS = 10
 VOCAB = ["a", "red", "green", "square", "at", "dawn", "near", "the", "river", "and"]
 LABEL_COLOURS = {1: (255, 0, 0), 2: (0, 255, 0)}
@@ -208,6 +210,16 @@ def test_first_epoch_is_a_permutation_and_epochs_differ(data):
   second = sum((_record_indices(cfg, b) for b in batches[3:]), [])
   assert sorted(first) == sorted(second) == list(range(NUM_RECORDS))
   assert first != second  # reshuffled each epoch
+
+
+def test_stream_order_is_grains_shuffle(data, monkeypatch):
+  """The block-computed shuffle leaves the stream exactly as grain's own shuffle made it."""
+  cfg = _cfg(data, augment={"crop_scale": (0.5, 1.0)})
+  ours = [_take(pipeline.make_train_iterator(cfg, seed=5, **share), 9) for share in SHARES]
+  monkeypatch.setattr(shuffle, "EpochShuffle", lambda parent, seed: parent.shuffle(seed=seed))
+  theirs = [_take(pipeline.make_train_iterator(cfg, seed=5, **share), 9) for share in SHARES]
+  for a, b in zip(ours, theirs):
+    _assert_same_batches(a, b)
 
 
 def test_same_seed_same_stream_and_resume_from_state(data):

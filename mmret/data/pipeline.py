@@ -1,11 +1,11 @@
 """Grain input pipelines: the training stream and deterministic evaluation batches.
 
 Training (:func:`make_train_iterator`), per source: record indices -> seeded shuffle -> repeat
-(reshuffled each epoch); sources mixed by weight; then this process's strided share
-(``[process_index::process_count]``) -> decode + augment + tokenize -> batch -> iterator with
-optional worker processes. Each example's augmentation RNG comes from ``(seed, global
-position in the stream)``, so a stream is reproducible, resumable from ``get_state()`` and the
-same for any number of workers.
+(reshuffled each epoch: grain's permutation, computed a block at a time, ``shuffle.py``); sources
+mixed by weight; then this process's strided share (``[process_index::process_count]``) ->
+decode + augment + tokenize -> batch -> iterator with optional worker processes. Each example's
+augmentation RNG comes from ``(seed, global position in the stream)``, so a stream is
+reproducible, resumable from ``get_state()`` and the same for any number of workers.
 
 Batches (dicts of numpy arrays, static shapes):
   ``image`` uint8 [b,H,W,3] (the jitted step and embedding pass normalise it with ``input.mean``
@@ -22,7 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from mmret.data import preprocess, sources, tokenizers
+from mmret.data import preprocess, shuffle, sources, tokenizers
 
 __all__ = [
     "default_input_config",
@@ -59,8 +59,8 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.augment.flip = False  # world captions may mention left/right
   cfg.worker_count = 0  # data-loading processes (0 = in the main process)
   cfg.worker_buffer_size = 2  # batches each worker prepares ahead
-  cfg.read_threads = 4  # threads decoding examples of one batch in parallel
-  cfg.prefetch = 64  # examples read ahead by those threads
+  cfg.read_threads = 4  # threads preparing whole batches in parallel
+  cfg.prefetch = 64  # batches read ahead by those threads
   # Frozen towers' outputs computed once per record and read instead of recomputed
   # (mmret/feature_cache.py): 'auto' (whenever the towers are frozen, dropout is 0 and images
   # are not augmented) | 'on' (an error when those do not hold) | 'off'.
@@ -263,7 +263,7 @@ def make_train_dataset(
   streams = []
   for source_index, source in enumerate(record_sources):
     stream = grain.MapDataset.range(len(source)).map(functools.partial(_tag_source, source_index))
-    streams.append(stream.shuffle(seed=_derived_seed(seed, source_index)).repeat())
+    streams.append(shuffle.EpochShuffle(stream, seed=_derived_seed(seed, source_index)).repeat())
   mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
   examples = mixed[process_index::process_count].map_with_index(
       TrainExample(
