@@ -345,6 +345,12 @@ def test_open_split_records_and_errors(data):
   record = source[0]
   assert isinstance(record["id"], str) and isinstance(record["caption"], str)
   assert isinstance(record["image"], bytes)
+  # A sequence: iteration ends at the last record, negative indices count from the end.
+  assert [r["id"] for r in source] == [source[i]["id"] for i in range(NUM_RECORDS)]
+  assert source[-1]["id"] == source[NUM_RECORDS - 1]["id"]
+  for index in (NUM_RECORDS, -NUM_RECORDS - 1):
+    with pytest.raises(IndexError, match=f"record {index} of RecordSource"):
+      source[index]
   # Also by registered name under data_dir.
   by_name = sources.open_split("mmret_pipeline_fixture", "train", data["data_dir"])
   assert by_name[0]["id"] == record["id"]

@@ -248,8 +248,12 @@ class RecordSource:
     return ", ".join(str(p) for p in paths) or "?"
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not -len(self) <= index < len(self):  # ArrayRecord says ValueError; sequences need this
+      raise IndexError(f"record {index} of {self!r}")
+    index %= len(self)
     try:
-      record = self._records[int(index)]
+      record = self._records[index]
       if self.decoder is not None:
         record = self.decoder(record)
     except IndexError:
@@ -257,7 +261,7 @@ class RecordSource:
     except Exception as e:  # ArrayRecord/Riegeli raise RuntimeError for damaged files
       raise RecordReadError(
           f"dataset {self.dataset!r}, split {self.split!r}: record {index} cannot be read from "
-          f"{self._file_of(int(index))} ({type(e).__name__}: {e}). The file may be truncated or "
+          f"{self._file_of(index)} ({type(e).__name__}: {e}). The file may be truncated or "
           "corrupt: prepare the dataset again"
       ) from e
     return {key: _to_python(key, value) for key, value in record.items() if key in self.fields}
