@@ -20,9 +20,11 @@ intersection component fitted inside the positive pairs, ``masks.fit_mixture_thr
 stages and the mask evaluator), score (the token score masks threshold: 'cosine', the paper's
 cosine to the partner's global, or 'contrast', that cosine less the unit's mean cosine to the
 other samples' partners, ``masks.token_score_samples``), gla_weight (stage 1's GLA loss weight;
-README's ladder measures its gradient against the masked ITC's), anneal_start (stage-1 step
-before which the masked ITC sees every unit, rho = 1; the masks then anneal in over half of the
-remaining steps), negatives (stage 2's hard negatives drop 'ratio', i.e.
+README's ladder measures its gradient against the masked ITC's), gla ('mean', the paper's hinge
+on the caption's mean cosine to the partner, or 'token': every token and patch contrasted against
+the partners on its own, ``losses.token_to_global_infonce``, README's ladder rung 10),
+anneal_start (stage-1 step before which the masked ITC sees every unit, rho = 1; the masks then
+anneal in over half of the remaining steps), negatives (stage 2's hard negatives drop 'ratio', i.e.
 ``method.negative_ratio`` of the difference units, or one 'fact': one phrase of the caption, one
 image segment; per modality in ``method.{text,image}_negative``), segments ('kmeans' or the
 paper's hierarchical 'agglomerative' grouping of patches), eval_split ('mm2mm', the reported set,
@@ -91,6 +93,7 @@ def get_config(arg=None):
       threshold="pairs",
       score="cosine",
       gla_weight=1.0,
+      gla="mean",
       anneal_start=0,
       negatives="ratio",
       segments="kmeans",
@@ -113,6 +116,7 @@ def get_config(arg=None):
   config_lib.check_choice("solar", "towers", arg.towers, config_lib.TOWERS)
   config_lib.check_choice("solar", "threshold", arg.threshold, ("pairs", "mixture"))
   config_lib.check_choice("solar", "score", arg.score, ("cosine", "contrast"))
+  config_lib.check_choice("solar", "gla", arg.gla, ("mean", "token"))
   config_lib.check_choice("solar", "negatives", arg.negatives, ("ratio", "fact"))
   config_lib.check_choice("solar", "segments", arg.segments, ("kmeans", "agglomerative"))
   config_lib.check_choice("solar", "eval_split", arg.eval_split, ("mm2mm", "mm2mm_val"))
@@ -156,6 +160,8 @@ def get_config(arg=None):
           ld_weight=0.1,
           gd_weight=0.1,
           gla_margin=0.2,
+          gla_kind=arg.gla,
+          gla_temperature=0.1,
           gd_include_self=False,
           temperature=None,
           patch_label_fraction=0.25,

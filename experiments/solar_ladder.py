@@ -87,6 +87,17 @@ RUNGS = {
         "tower_depth=0,gla_weight=30,anneal_start=75,score=contrast",
         {},
     ),
+    # GLA contrasting every token and patch on its own (gla=token) instead of the caption's mean
+    # cosine: the per-token objective README's rung 9 points to.
+    "tower depth 0, rho 1 throughout, per-token GLA": (
+        "tower_depth=0,gla=token",
+        {"method.anneal_start": NEVER},
+    ),
+    "tower depth 2, rho 1 throughout, per-token GLA": (
+        "tower_depth=-1,gla=token",
+        {"method.anneal_start": NEVER},
+    ),
+    "tower depth 2, per-token GLA, contrast score": ("tower_depth=-1,gla=token,score=contrast", {}),
 }
 DEFAULT_SKIP = ("shipped towers, 150 steps",)
 # Mask fits each rung is measured with: (threshold estimator, token score).

@@ -101,6 +101,17 @@ def gla(tokens, mask, partner, margin):
   return np.mean(hinges)
 
 
+def token_infonce(tokens, mask, partner, temperature):
+  """Mean over every valid token of -log softmax over the partners at the token's own."""
+  tokens, partner = normalize(tokens), normalize(partner)
+  losses = []
+  for i in range(len(tokens)):
+    for t in np.flatnonzero(mask[i]):
+      logits = partner @ tokens[i, t] / temperature
+      losses.append(np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[i])
+  return np.mean(losses) if losses else 0.0
+
+
 def local_distillation(teacher, student, mask):
   corrs = []
   for b in range(len(teacher)):

@@ -64,6 +64,42 @@ def test_gla_both_directions_and_sharded_equals_single():
   assert_sharded_equals_single(fn, {"a": jnp.float32(1.2), "b": jnp.float32(0.3)}, inputs)
 
 
+def test_per_token_gla_matches_reference_and_sharded_equals_single():
+  tokens, mask, partner = _tokens(n=16, seed=3, empty_row=4)
+  got = losses.token_to_global_infonce(tokens, mask, partner, temperature=0.2)
+  np.testing.assert_allclose(got, ref.token_infonce(tokens, mask, partner, 0.2), rtol=1e-5)
+  # Partners a token cannot tell apart (as a template word cannot) cost log N whatever it is.
+  same_partners = np.repeat(partner[:1], 4, axis=0)
+  np.testing.assert_allclose(
+      losses.token_to_global_infonce(tokens[:4], np.ones((4, 5), bool), same_partners),
+      np.log(4),
+      rtol=1e-5,
+  )
+
+  rng = np.random.default_rng(4)
+  inputs = {
+      "image_tokens": rng.normal(size=(16, 4, 6)).astype(np.float32),
+      "text_tokens": tokens,
+      "text_mask": mask,
+      "z_image": partner,
+      "z_text": ref.normalize(rng.normal(size=(16, 6))).astype(np.float32),
+  }
+  both = losses.gla_loss(**inputs, kind="token", temperature=0.2)
+  expected = 0.5 * (
+      ref.token_infonce(inputs["image_tokens"], np.ones((16, 4), bool), inputs["z_text"], 0.2)
+      + ref.token_infonce(tokens, mask, partner, 0.2)
+  )
+  np.testing.assert_allclose(both, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown GLA kind 'max'"):
+    losses.gla_loss(**inputs, kind="max")
+
+  def fn(w, x, axis_name=None):
+    x = dict(x, image_tokens=x["image_tokens"] * w["a"], z_text=x["z_text"] + w["b"] * x["z_image"])
+    return losses.gla_loss(**x, kind="token", temperature=0.2, axis_name=axis_name)
+
+  assert_sharded_equals_single(fn, {"a": jnp.float32(1.2), "b": jnp.float32(0.3)}, inputs)
+
+
 # --- Correlation distillation ---------------------------------------------------------------------
 
 

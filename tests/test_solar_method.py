@@ -348,6 +348,14 @@ def test_bad_settings_are_errors(model_and_params):
     train.loss_function(config)
 
 
+def test_gla_argument_reaches_the_stage1_loss():
+  stage1 = dict(train.stage_configs(solar_config.get_config("gla=token")))["stage1"]
+  assert (stage1.loss.gla_kind, stage1.loss.gla_weight) == ("token", 1.0)
+  assert dict(train.stage_configs(solar_config.get_config()))["stage1"].loss.gla_kind == "mean"
+  with pytest.raises(ValueError, match=r"gla must be one of \('mean', 'token'\), got 'tokens'"):
+    solar_config.get_config("gla=tokens")
+
+
 # --------------------------------------------------------------------------------------------------
 # The mask evaluator on known answers
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ what the stages' forward passes return (``mmret.recipes.solar.method``). Functio
 devices equals the single-device value on the global batch.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,31 @@ def global_to_local_alignment(tokens, token_mask, partner_global, *, margin=0.2,
   return mean_over_valid(hinge, count > 0, axis_name)
 
 
+def token_to_global_infonce(tokens, token_mask, partner_global, *, temperature=0.1, axis_name=None):
+  """Per-token InfoNCE: each valid token picks its own partner's global among all partners.
+
+  loss = mean over the valid tokens (all devices) of -log softmax_n(cos(token, partner_n) / T)
+  at the token's own partner. Unlike GLA's hinge on the caption's mean cosine, every token is
+  contrasted on its own: a token that tells its partner apart from the others (an intersection
+  word, an object's patch) can lower its loss, a template word or a text-only fact cannot, so
+  the trained cosines are token scores (``masks.token_score_samples``, ``score='contrast'``).
+
+  Args:
+    tokens: [B,T,d] local features of one modality. token_mask: [B,T] True for real tokens.
+    partner_global: [B,d] global embeddings of the other modality.
+  """
+  tokens = l2_normalize(tokens)
+  partners = gather(l2_normalize(partner_global), axis_name)  # [N,d]
+  logits = jnp.einsum("btd,nd->btn", tokens, partners) / temperature
+  own = local_labels(tokens.shape[0], axis_name)
+  own_logit = jnp.take_along_axis(logits, own[:, None, None], axis=-1)[..., 0]
+  per_token = jax.nn.logsumexp(logits, axis=-1) - own_logit
+  return mean_over_valid(per_token, token_mask, axis_name)
+
+
+GLA_KINDS = ("mean", "token")
+
+
 def gla_loss(
     image_tokens,
     text_tokens,
@@ -62,17 +89,27 @@ def gla_loss(
     margin=0.2,
     axis_name=None,
     image_mask=None,
+    kind="mean",
+    temperature=0.1,
 ):
-  """Both GLA directions averaged: patches vs text globals and words vs image globals."""
+  """Both GLA directions averaged: patches vs text globals and words vs image globals.
+
+  ``kind`` 'mean' (the paper's: :func:`global_to_local_alignment`, a hinge of ``margin`` on the
+  mean cosines) or 'token' (:func:`token_to_global_infonce` at ``temperature``).
+  """
+  if kind not in GLA_KINDS:
+    raise ValueError(f"unknown GLA kind {kind!r}; expected one of {GLA_KINDS}")
   if image_mask is None:
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
-  patches = global_to_local_alignment(
-      image_tokens, image_mask, z_text, margin=margin, axis_name=axis_name
+  if kind == "mean":
+    one_way = functools.partial(global_to_local_alignment, margin=margin, axis_name=axis_name)
+  else:
+    one_way = functools.partial(
+        token_to_global_infonce, temperature=temperature, axis_name=axis_name
+    )
+  return 0.5 * (
+      one_way(image_tokens, image_mask, z_text) + one_way(text_tokens, text_mask, z_image)
   )
-  words = global_to_local_alignment(
-      text_tokens, text_mask, z_image, margin=margin, axis_name=axis_name
-  )
-  return 0.5 * (patches + words)
 
 
 def pearson_correlation(a, b, mask=None, *, eps=1e-12):
@@ -155,6 +192,8 @@ def stage1_loss(
     ld_weight=0.1,
     gd_weight=0.1,
     gla_margin=0.2,
+    gla_kind="mean",
+    gla_temperature=0.1,
     gd_include_self=False,
     temperature=None,
     patch_label_fraction=0.25,
@@ -169,7 +208,9 @@ def stage1_loss(
 
   - masked ITC: f_V and f_L aligned by bidirectional InfoNCE (``temperature`` fixed, or the model's
     learnable one when None).
-  - GLA (margin ``gla_margin``), both directions, negatives from all devices.
+  - GLA (margin ``gla_margin``), both directions, negatives from all devices; ``gla_kind``
+    'token' contrasts each token on its own instead (temperature ``gla_temperature``, see
+    :func:`gla_loss`).
   - LD: within-sample token-token cosines of the adapted tokens vs the teacher's tokens, both
     modalities averaged. GD: rows of the in-batch image-image and text-text similarity of the
     unmasked globals vs the teacher's pooled vectors (within-modality matrices: a teacher that is
@@ -192,7 +233,15 @@ def stage1_loss(
       temperature=temperature,
   )
   gla = gla_loss(
-      image_tokens, text_tokens, text_mask, z_image, z_text, margin=gla_margin, axis_name=axis_name
+      image_tokens,
+      text_tokens,
+      text_mask,
+      z_image,
+      z_text,
+      margin=gla_margin,
+      axis_name=axis_name,
+      kind=gla_kind,
+      temperature=gla_temperature,
   )
   patch_valid = jnp.ones(image_tokens.shape[:2], bool)
   ld = 0.5 * (
