@@ -1,4 +1,5 @@
-"""GradCache (``optim.microbatches``): loss, metrics and gradient equal the whole-batch step's, on
+"""GradCache (``optim.microbatches``): loss, metrics and gradient equal the whole-batch step's (dense,
+chunked and ring losses), on
 one device and on 8; SOLAR (whose forward couples the batch) and indivisible batches are refused;
 the compiled step needs less temporary memory with micro-batches."""
 
@@ -28,6 +29,11 @@ def _vsepp():
   return config
 
 
+def _with_loss(config, **fields):
+  config.loss.update(fields)
+  return config
+
+
 def _stage(config, name):
   return dict(train.stage_configs(config))[name]
 
@@ -41,6 +47,12 @@ RECIPES = {
     "gcl": lambda: _stage(gcl.get_config("loss=gcl,evals=false"), gcl.FINETUNE),
     "vsepp": _vsepp,
     "selfalign": lambda: _stage(selfalign.get_config("variant=both"), selfalign.HARDEST_STAGE),
+    # The block-wise losses (custom VJPs) under GradCache: the cached embeddings' gradient comes
+    # from their backward, on one device (chunked) and across 8 (ring).
+    "gcl_chunked": lambda: _with_loss(
+        _stage(gcl.get_config("loss=gcl,evals=false"), gcl.FINETUNE), impl="chunked", block_size=4
+    ),
+    "clip_ring": lambda: _with_loss(clip.get_config("evals=false"), impl="ring", block_size=2),
 }
 
 
@@ -150,7 +162,7 @@ def test_microbatches_equal_whole_batch(name, vocab_path):
   # 8 devices, 2 examples each, in micro-batches of one: for dropout's per-example keys and
   # SelfAlign's shared prototypes (the gcl and VSE++ losses' own sharded == single-device tests
   # are in test_losses_gcl.py and test_losses_chunked.py).
-  if name in ("clip_dropout", "selfalign"):
+  if name in ("clip_dropout", "selfalign", "clip_ring"):
     _assert_same(_on_8_devices(setup, params, batch, rng, 2), expected, f"{name} 8 devices")
 
 
