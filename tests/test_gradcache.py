@@ -1,7 +1,7 @@
-"""GradCache (``optim.microbatches``): loss, metrics and gradient equal the whole-batch step's (dense,
-chunked and ring losses), on
-one device and on 8; SOLAR (whose forward couples the batch) and indivisible batches are refused;
-the compiled step needs less temporary memory with micro-batches."""
+"""GradCache (``optim.microbatches``): loss, metrics and gradient equal the whole-batch step's
+(dense, chunked and ring losses), on one device and on 8; SOLAR (whose forward couples the batch)
+and indivisible batches are refused; the compiled step needs less temporary memory with
+micro-batches."""
 
 import functools
 
