@@ -36,16 +36,21 @@ def test_gla_matches_reference_with_an_all_padding_row():
   assert losses.global_to_local_alignment(tokens[:1], mask[:1], partner[:1]) == 0.0
 
 
-def test_gla_both_directions_and_sharded_equals_single():
-  rng = np.random.default_rng(1)
-  text_tokens, text_mask, z_image = _tokens(n=16, seed=1, empty_row=5)
-  inputs = {
+def _gla_inputs(seed, text_tokens, text_mask, z_image):
+  """gla_loss's arrays: the given text side plus random patches [16,4,6] and text globals."""
+  rng = np.random.default_rng(seed)
+  return {
       "image_tokens": rng.normal(size=(16, 4, 6)).astype(np.float32),
       "text_tokens": text_tokens,
       "text_mask": text_mask,
       "z_image": z_image,
       "z_text": ref.normalize(rng.normal(size=(16, 6))).astype(np.float32),
   }
+
+
+def test_gla_both_directions_and_sharded_equals_single():
+  text_tokens, text_mask, z_image = _tokens(n=16, seed=1, empty_row=5)
+  inputs = _gla_inputs(1, text_tokens, text_mask, z_image)
   both = losses.gla_loss(**inputs, margin=0.5)
   expected = 0.5 * (
       ref.gla(inputs["image_tokens"], np.ones((16, 4), bool), inputs["z_text"], 0.5)
@@ -76,14 +81,7 @@ def test_per_token_gla_matches_reference_and_sharded_equals_single():
       rtol=1e-5,
   )
 
-  rng = np.random.default_rng(4)
-  inputs = {
-      "image_tokens": rng.normal(size=(16, 4, 6)).astype(np.float32),
-      "text_tokens": tokens,
-      "text_mask": mask,
-      "z_image": partner,
-      "z_text": ref.normalize(rng.normal(size=(16, 6))).astype(np.float32),
-  }
+  inputs = _gla_inputs(4, tokens, mask, partner)
   both = losses.gla_loss(**inputs, kind="token", temperature=0.2)
   expected = 0.5 * (
       ref.token_infonce(inputs["image_tokens"], np.ones((16, 4), bool), inputs["z_text"], 0.2)
