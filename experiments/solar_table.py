@@ -43,7 +43,9 @@ flags.DEFINE_integer("batch_size", 32, "Global batch size of every recipe.")
 flags.DEFINE_enum("split", "mm2mm", ["mm2mm", "mm2mm_val"], "MM2MM set to evaluate on.")
 flags.DEFINE_string("solar_args", "", "Extra configs/solar.py arguments for the SOLAR rows.")
 flags.DEFINE_enum("towers", "scratch", list(config_lib.TOWERS), "Towers of every row.")
-flags.DEFINE_list("rows", [], "Only these rows (default: all).")
+flags.DEFINE_multi_string(
+    "rows", [], "Only this row; repeat the flag for several (row names hold commas). Default: all."
+)
 
 METRIC = "eval/mm2mm/{}"
 COLUMNS = {
