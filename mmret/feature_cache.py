@@ -48,7 +48,7 @@ from absl import logging
 from etils import epath
 
 from mmret import faults, ops
-from mmret.data import pipeline
+from mmret.data import pipeline, tokenizers
 from mmret.models.retrieval import IMAGE_FEATURES, TEXT_FEATURES
 
 MODES = ("auto", "on", "off")
@@ -318,7 +318,7 @@ def _preprocessing(input_cfg) -> dict:
       image_size=int(input_cfg.image_size),
       mean=list(input_cfg.mean),
       std=list(input_cfg.std),
-      tokenizer=input_cfg.tokenizer,
+      tokenizer=tokenizers.fingerprint(input_cfg.tokenizer),
       max_text_len=int(input_cfg.max_text_len),
       dtype=str(storage_dtype(input_cfg)),
   )

@@ -188,3 +188,17 @@ def test_training_and_evaluation_from_the_cache_equal_the_plain_run(world_data_d
   for key, value in off.items():
     if key.startswith("eval/") or key in ("loss", "grad_norm"):
       np.testing.assert_allclose(on[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_the_key_holds_the_vocabulary_not_its_path(tmp_path):
+  """A moved checkout (same vocabulary, another path) finds its caches; an edited vocabulary file
+  at the same path does not reuse them."""
+  input_cfg = pipeline.default_input_config()
+  keys = []
+  for name, words in (("a", "red\nshoe\n"), ("b", "red\nshoe\n"), ("c", "red\nhat\n")):
+    path = tmp_path / name
+    path.write_text(words)
+    input_cfg.tokenizer = f"word:{path}"
+    keys.append(feature_cache._preprocessing(input_cfg))
+  assert keys[0] == keys[1]
+  assert keys[0] != keys[2]

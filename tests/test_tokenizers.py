@@ -7,6 +7,7 @@ The real vocabularies come from PyPI wheels: CLIP's BPE file from ``open_clip_to
 
 import glob
 import gzip
+import hashlib
 import os
 import random
 import subprocess
@@ -234,3 +235,17 @@ def test_bad_specs_are_named(tmp_path):
     tokenizers.get_tokenizer("world")
   with pytest.raises(ValueError, match="max_len"):
     tokenizers.WordTokenizer(["a"]).encode(["a"], 1)
+
+
+def test_fingerprint_follows_the_vocabulary_file_not_its_path(tmp_path):
+  words = "[PAD]\n[UNK]\n[CLS]\n[SEP]\nred\nshoe\n"
+  first, second = tmp_path / "a" / "vocab.txt", tmp_path / "b" / "vocab.txt"
+  for path in (first, second):
+    path.parent.mkdir()
+    path.write_text(words)
+  expected = "wordpiece:sha256=" + hashlib.sha256(words.encode()).hexdigest()
+  assert tokenizers.fingerprint(f"wordpiece:{first}") == expected
+  assert tokenizers.fingerprint(f"wordpiece:{second}") == expected
+  second.write_text(words + "hat\n")  # same path, another vocabulary
+  assert tokenizers.fingerprint(f"wordpiece:{second}") != expected
+  assert tokenizers.fingerprint("dataset") == "dataset"  # the vocabulary lives in the dataset

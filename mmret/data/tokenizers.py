@@ -25,6 +25,7 @@ import abc
 import collections
 import functools
 import gzip
+import hashlib
 import html
 import os
 import re
@@ -425,6 +426,21 @@ class WordPieceTokenizer(Tokenizer):
 
 # Specs of the word vocabulary stored in a dataset's metadata.
 DATASET_SPECS = ("dataset", "world")
+
+
+def fingerprint(spec: str) -> str:
+  """``spec`` with its vocabulary file replaced by the file's sha256: what a cache keyed on the
+  tokenizer must hold (the same vocabulary at another path is the same tokenizer; an edited file
+  at the same path is not). Specs without a file (the dataset's vocabulary) are returned as is."""
+  kind, _, path = spec.partition(":")
+  path = os.path.expanduser(path)
+  if not path or not os.path.isfile(path):
+    return spec
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return f"{kind}:sha256={digest.hexdigest()}"
 
 
 def get_tokenizer(
