@@ -3,6 +3,7 @@ time one example takes to read, decode, augment and tokenize in one thread witho
 
 python benchmarks/input.py                       # default pipeline (mmret_world/tiny)
 python benchmarks/input.py --workers 0,2,4 --batches 50 --dataset /path/to/tfds/dir
+python benchmarks/input.py --workers 0 --read_threads 1,2,4    # read threads in the main process
 """
 
 import argparse
@@ -32,6 +33,11 @@ def parse_args():
   parser.add_argument("--image_size", type=int, default=defaults.image_size)
   parser.add_argument("--max_text_len", type=int, default=defaults.max_text_len)
   parser.add_argument("--workers", default="0,2,4", help="comma-separated worker counts to measure")
+  parser.add_argument(
+      "--read_threads",
+      default=str(defaults.read_threads),
+      help="comma-separated read-thread counts to measure (each with every worker count)",
+  )
   parser.add_argument("--batches", type=int, default=50, help="batches timed per setting")
   parser.add_argument(
       "--warmup", type=int, default=5, help="batches read before timing (worker start-up, caches)"
@@ -91,9 +97,10 @@ def main():
       f"text {args.max_text_len}"
   )
   for workers in (int(w) for w in args.workers.split(",")):
-    input_cfg.worker_count = workers
-    rate = examples_per_second(input_cfg, batches=args.batches, warmup=args.warmup)
-    print(f"workers={workers:2d}  {rate:10.1f} examples/s")
+    for threads in (int(t) for t in args.read_threads.split(",")):
+      input_cfg.worker_count, input_cfg.read_threads = workers, threads
+      rate = examples_per_second(input_cfg, batches=args.batches, warmup=args.warmup)
+      print(f"workers={workers:2d}  read_threads={threads:2d}  {rate:10.1f} examples/s")
   examples = args.batches * args.batch_size
   ms = milliseconds_per_example(input_cfg, examples=examples)
   print(f"one example, one thread, no grain: {ms:.3f} ms ({1e3 / ms:.1f} examples/s)")

@@ -59,7 +59,10 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.augment.flip = False  # world captions may mention left/right
   cfg.worker_count = 0  # data-loading processes (0 = in the main process)
   cfg.worker_buffer_size = 2  # batches each worker prepares ahead
-  cfg.read_threads = 4  # threads preparing whole batches in parallel
+  # Threads preparing whole batches in parallel. Small images are Python-bound (the GIL): on
+  # the embedded world, 1 thread prepares more than 2 or 4 (benchmarks/input.py, README). Large
+  # images decode and resize outside the GIL and gain from more (e.g. 4 at 224 px).
+  cfg.read_threads = 1
   cfg.prefetch = 64  # batches read ahead by those threads
   # Frozen towers' outputs computed once per record and read instead of recomputed
   # (mmret/feature_cache.py): 'auto' (whenever the towers are frozen, dropout is 0 and images
