@@ -247,7 +247,7 @@ class WorkdirLock:
 # Checkpoint manifests.
 
 
-def _size_and_sha256(path: str) -> tuple[int, str]:
+def size_and_sha256(path: str) -> tuple[int, str]:
   """Size in bytes and sha256 of file ``path`` (local or URL), in one read."""
   digest, size = hashlib.sha256(), 0
   with epath.Path(path).open("rb") as f:
@@ -272,7 +272,7 @@ def write_manifest(directory: str, **extra) -> str:
   """Writes ``directory/mmret_manifest.json``: size and sha256 of every file under it."""
   files = {}
   for rel, p in _files(directory):
-    size, sha256 = _size_and_sha256(p)
+    size, sha256 = size_and_sha256(p)
     files[rel] = {"size": size, "sha256": sha256}
   path = epath.Path(directory) / MANIFEST_FILE
   tmp = epath.Path(f"{path}.tmp")
@@ -310,7 +310,7 @@ def verify_manifest(directory: str) -> Optional[str]:
     if path is None:
       return f"{rel} is missing"
     try:
-      size, sha256 = _size_and_sha256(path)
+      size, sha256 = size_and_sha256(path)
       if size != expected["size"]:
         return f"{rel} has {size} bytes, {expected['size']} were written"
       if sha256 != expected["sha256"]:

@@ -25,7 +25,6 @@ import abc
 import collections
 import functools
 import gzip
-import hashlib
 import html
 import os
 import re
@@ -33,6 +32,8 @@ import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from mmret import faults
 
 __all__ = [
     "Tokenizer",
@@ -436,11 +437,8 @@ def fingerprint(spec: str) -> str:
   path = os.path.expanduser(path)
   if not path or not os.path.isfile(path):
     return spec
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return f"{kind}:sha256={digest.hexdigest()}"
+  _, sha256 = faults.size_and_sha256(path)
+  return f"{kind}:sha256={sha256}"
 
 
 def get_tokenizer(
